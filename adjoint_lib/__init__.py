@@ -1,0 +1,16 @@
+"""adjoint_lib: gradients through diffusion-model sampling (AdjointDPM, reproduced).
+
+Public API::
+
+    schedule = adjoint_lib.VPSchedule.from_diffusers(scheduler)
+    x0 = adjoint_lib.sample(eps_fn, x_T, cond, schedule=schedule, steps=20, order=2,
+                            grad="adjoint", params=(...))
+    loss(x0).backward()   # fills .grad of x_T, cond and params
+"""
+from .adjoint import GRAD_MODES, SampleStats, sample
+from .schedule import VPSchedule
+from .solvers import Grid, ei_weights, make_grid, phi_integrals
+
+__all__ = ["VPSchedule", "sample", "SampleStats", "GRAD_MODES", "Grid", "make_grid",
+           "ei_weights", "phi_integrals"]
+__version__ = "0.1.0"

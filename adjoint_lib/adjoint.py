@@ -1,0 +1,302 @@
+"""``sample()``: probability-flow ODE sampling with gradients by AdjointDPM, checkpointing
+or plain backprop.
+
+Forward: ``y = x / alpha`` solves ``dy/drho = eps(alpha y, t(rho), c)`` from ``rho_0`` (noise)
+down to ``rho_N``. Backward (``grad="adjoint"``), with ``a = dL/dy``, from ``rho_N`` up to
+``rho_0``:
+
+    da/drho = -a^T d eps/dy,   dL/dc = int_{rho_0}^{rho_N} a^T d eps/dc drho,
+    dL/dtheta = int_{rho_0}^{rho_N} a^T d eps/dtheta drho,   dL/dx_T = a(rho_0) / alpha_0,
+
+discretized with the same exponential-integrator weights as the forward pass.
+``grad="checkpoint"`` instead differentiates the discrete sampler exactly, recomputing
+one eps per step from the stored grid states.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import VPSchedule
+from .solvers import Grid, make_grid, solve
+
+Tensor = torch.Tensor
+EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
+
+GRAD_MODES = (None, "adjoint", "checkpoint", "backprop")
+TRAJECTORIES = ("backsolve", "cache")
+
+
+@dataclass
+class SampleStats:
+    """Cost of one ``sample()`` call: eps evaluations forward and backward (filled in as
+    the forward and backward passes run)."""
+
+    mode: str | None = None
+    steps: int = 0
+    order: int = 1
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        return self.nfe_forward + self.nfe_backward
+
+
+# ------------------------------------------------------------------------- helpers
+def _model_t(t: float, x: Tensor) -> Tensor:
+    """Model timestep tensor of shape (B,) (float64 stays float64; otherwise float32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+
+
+def _pack_cond(cond: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
+    """Flatten ``cond`` (None, a tensor or a tuple/list of tensors) and return a rebuild."""
+    if cond is None:
+        return [], lambda ts: None
+    if isinstance(cond, Tensor):
+        return [cond], lambda ts: ts[0]
+    if isinstance(cond, (tuple, list)) and all(isinstance(c, Tensor) for c in cond):
+        kind = type(cond)
+        return list(cond), lambda ts: kind(ts)
+    raise TypeError("cond must be None, a tensor or a tuple of tensors, "
+                    f"got {type(cond).__name__}")
+
+
+def _leaves(root: Tensor) -> set[int]:
+    """ids of the leaf tensors that ``root``'s autograd graph accumulates into."""
+    seen, out, stack = set(), set(), [root.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            out.add(id(fn.variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return out
+
+
+def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats, phase: str):
+    """``eps_at(i, y, cond_tensors)``: eps at grid node ``i`` with ``x = alpha_i y``."""
+    def eps_at(i: int, y: Tensor, cond_tensors: Sequence[Tensor]) -> Tensor:
+        x = y * grid.alpha(i)
+        eps = eps_fn(x, _model_t(grid.node_t(i), x), rebuild(cond_tensors))
+        if not isinstance(eps, Tensor) or eps.shape != x.shape:
+            raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}, "
+                             f"got {getattr(eps, 'shape', type(eps))}")
+        setattr(stats, phase, getattr(stats, phase) + 1)
+        return eps.to(y.dtype)
+    return eps_at
+
+
+# ------------------------------------------------------------------------- autograd
+class _AdjointSampler(torch.autograd.Function):
+    """Forward: solve under no_grad. Backward: continuous adjoint or exact discrete adjoint."""
+
+    @staticmethod
+    def forward(ctx, spec: dict, x_T: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        grid: Grid = spec["grid"]
+        n_cond = spec["n_cond"]
+        cond_tensors = tensors[:n_cond]
+        eps_at = spec["eps_at_fwd"]
+        states: list[Tensor] = []
+        keep = spec["mode"] == "checkpoint" or spec["trajectory"] == "cache"
+        y_N = solve(lambda i, y: eps_at(i, y, cond_tensors), x_T / grid.alpha(0), grid, spec["order"],
+                    on_state=(lambda i, y: states.append(y)) if keep else None,
+                    progress=spec["progress"])
+        ctx.spec = spec
+        ctx.save_for_backward(*(states if keep else [y_N]), *cond_tensors)
+        return y_N * grid.alpha(grid.steps)
+
+    @staticmethod
+    def backward(ctx, grad_x0: Tensor):  # type: ignore[override]
+        spec = ctx.spec
+        n_cond, grid = spec["n_cond"], spec["grid"]
+        saved = ctx.saved_tensors
+        states, cond_saved = saved[:len(saved) - n_cond], saved[len(saved) - n_cond:]
+        params: tuple[Tensor, ...] = spec["params"]
+        cond_req = [ctx.needs_input_grad[2 + j] for j in range(n_cond)]
+        cond_in = [c.detach().requires_grad_(r) for c, r in zip(cond_saved, cond_req)]
+        run = _backward_adjoint if spec["mode"] == "adjoint" else _backward_checkpoint
+        with torch.enable_grad():
+            a0, g_cond, g_par = run(spec, grid, states, cond_in, cond_req, params,
+                                    grad_x0 * grid.alpha(grid.steps))
+        unused = [j for j, g in enumerate(g_par) if g is None]
+        if unused:
+            raise ValueError(f"params{unused} are never used by eps_fn: they would get no gradient")
+        for j, (g, r) in enumerate(zip(g_cond, cond_req)):
+            if r and g is None:
+                warnings.warn(f"cond tensor {j} requires grad but eps_fn never uses it; its gradient is zero")
+                g_cond[j] = torch.zeros_like(cond_saved[j])
+        return (None, a0 / grid.alpha(0), *g_cond, *g_par)
+
+
+def _vjp(eps_at: Callable, i: int, y: Tensor, cond_in: list[Tensor], cond_req: list[bool],
+         params: tuple[Tensor, ...], g: Tensor) -> tuple[Tensor, Tensor, list, list]:
+    """One eps evaluation at node ``i`` and one vector-Jacobian product with ``g``:
+    returns ``eps, g^T deps/dy, [g^T deps/dc], [g^T deps/dtheta]`` (None where unused)."""
+    yv = y.detach().requires_grad_(True)
+    eps = eps_at(i, yv, cond_in)
+    wrt = [yv] + [c for c, r in zip(cond_in, cond_req) if r] + list(params)
+    grads = torch.autograd.grad(eps, wrt, grad_outputs=g.to(eps.dtype), allow_unused=True)
+    gy = grads[0] if grads[0] is not None else torch.zeros_like(y)
+    it = iter(grads[1:1 + sum(cond_req)])
+    gc = [next(it) if r else None for r in cond_req]
+    return eps.detach(), gy.to(y.dtype), gc, list(grads[1 + sum(cond_req):])
+
+
+def _add(acc: list, new: list, w: float) -> list:
+    """``acc += w * new`` elementwise, keeping None where nothing arrived yet."""
+    return [a if n is None else (w * n if a is None else a + w * n) for a, n in zip(acc, new)]
+
+
+def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
+    if not bool(torch.isfinite(a).all()):
+        raise FloatingPointError(f"non-finite gradient in the backward pass at step {k} "
+                                 f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
+
+
+def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, a: Tensor):
+    """AdjointDPM: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
+
+    Step ``k`` (``rho_{k+1} -> rho_k``) with weights ``W_j`` on nodes ``k+1, k+2, ...``:
+    ``y_k = y_{k+1} + sum W_j eps_j``, ``a_k = a_{k+1} - sum W_j v_j``,
+    ``g -= sum W_j u_j`` where ``v = a^T deps/dy`` and ``u = a^T deps/d(c, theta)``.
+    """
+    N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
+    weights = [grid.backward_weights(k, order) for k in range(N)]
+    coef = [0.0] * (N + 1)  # total weight of node m in the g_c / g_theta quadrature
+    for k, w in enumerate(weights):
+        for j, wj in enumerate(w):
+            coef[k + 1 + j] += wj
+    y = states[-1]
+    g_cond: list = [None] * len(cond_in)
+    g_par: list = [None] * len(params)
+    eps_hist: list[Tensor] = []
+    v_hist: list[Tensor] = []
+    for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
+        node = k + 1
+        y_node = states[node] if len(states) > 1 else y
+        eps, v, uc, up = _vjp(eps_at, node, y_node, cond_in, cond_req, params, a)
+        eps_hist.insert(0, eps)
+        v_hist.insert(0, v)
+        del eps_hist[order:], v_hist[order:]
+        g_cond, g_par = _add(g_cond, uc, -coef[node]), _add(g_par, up, -coef[node])
+        w = weights[k]
+        if len(states) == 1:
+            y = y + sum(wj * e for wj, e in zip(w, eps_hist))
+        a = a - sum(wj * vj for wj, vj in zip(w, v_hist))
+        _check_finite(a, k, grid)
+    return a, g_cond, g_par
+
+
+def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, a_N: Tensor):
+    """Exact reverse mode of the discrete multistep sampler from stored grid states.
+
+    ``y_{i+1} = y_i + sum_j w_{i,j} eps_{i-j}``  =>  with ``g_m = sum_j w_{m+j,j} abar_{m+j+1}``:
+    ``abar_m = abar_{m+1} + g_m^T deps_m/dy``, ``dL/dc += g_m^T deps_m/dc`` (same for theta).
+    """
+    N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
+    weights = [grid.forward_weights(i, order) for i in range(N)]
+    abar: dict[int, Tensor] = {N: a_N}
+    g_cond: list = [None] * len(cond_in)
+    g_par: list = [None] * len(params)
+    for m in tqdm(range(N - 1, -1, -1), desc="checkpoint", disable=not spec["progress"], leave=False):
+        g = sum(weights[m + j][j] * abar[m + j + 1]
+                for j in range(order) if m + j < N and j < len(weights[m + j]))
+        _, v, uc, up = _vjp(eps_at, m, states[m], cond_in, cond_req, params, g)
+        g_cond, g_par = _add(g_cond, uc, 1.0), _add(g_par, up, 1.0)
+        abar[m] = abar[m + 1] + v
+        abar.pop(m + order + 1, None)
+        _check_finite(abar[m], m, grid)
+    return abar[0], g_cond, g_par
+
+
+# ------------------------------------------------------------------------- entry point
+def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule,
+           steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
+           order: int = 1, grad: str | None = None, params: Sequence[Tensor] = (),
+           trajectory: str = "backsolve", spacing: str = "logsnr",
+           t_start: float | None = None, t_end: float | None = None,
+           stats: SampleStats | None = None, progress: bool = False) -> Tensor:
+    """Sample ``x_0`` by the reparameterized probability-flow ODE; optionally differentiable.
+
+    Args:
+        eps_fn: ``eps_fn(x, t, cond) -> eps`` (``t``: tensor (B,) of model timesteps,
+            diffusers convention 0..999). Guidance and v-prediction live in eps_fn
+            (see ``adjoint_lib.models.UNetEps``).
+        x_T: initial noise (B, ...). cond: None, a tensor, or a tuple of tensors.
+        schedule: the :class:`VPSchedule`.
+        steps / timesteps: either ``steps`` grid intervals with ``spacing`` (``"logsnr"``,
+            ``"time"``, ``"quadratic"``) from ``t_start`` to ``t_end``, or an explicit
+            decreasing sequence of model timesteps (e.g. a diffusers scheduler's
+            ``timesteps``), whose last step ends at ``schedule.rho_end``.
+        order: 1 (DDIM), 2 or 3 (DPM-Solver multistep), exponential integrators in lambda.
+        grad: ``None`` (no graph), ``"adjoint"`` (AdjointDPM: O(1) memory with
+            ``trajectory="backsolve"``, or read the forward grid states with ``"cache"``),
+            ``"checkpoint"`` (exact gradient of the discrete sampler, stores the N grid
+            states) or ``"backprop"`` (autograd through the loop; memory grows with steps).
+        params: tensors used inside eps_fn (weights, LoRA, embeddings) that should receive
+            gradients; each must require grad.
+        stats: a :class:`SampleStats` to fill with eps-evaluation counts.
+        progress: show tqdm bars.
+
+    Returns:
+        ``x_0`` with the shape of ``x_T``; ``x_T``, ``cond`` and ``params`` receive
+        gradients through ``loss(x_0).backward()`` when ``grad`` is set.
+    """
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if not isinstance(schedule, VPSchedule):
+        raise TypeError("schedule must be an adjoint_lib.VPSchedule (see VPSchedule.from_diffusers)")
+    if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
+        raise TypeError("x_T must be a floating-point tensor")
+    if not callable(eps_fn):
+        raise TypeError("eps_fn must be callable as eps_fn(x, t, cond)")
+    params = tuple(params)
+    for j, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.requires_grad:
+            raise ValueError(f"params[{j}] does not require grad: it would never receive a "
+                             "gradient (call .requires_grad_() or leave it out of params)")
+    if params and grad is None:
+        raise ValueError("params were given but grad=None: pick a gradient mode")
+    grid = make_grid(schedule, steps, timesteps, spacing, t_start, t_end)
+    cond_tensors, rebuild = _pack_cond(cond)
+    stats = stats if stats is not None else SampleStats()
+    stats.mode, stats.steps, stats.order = grad, grid.steps, order
+    stats.nfe_forward = stats.nfe_backward = 0
+    eps_fwd = _eps_caller(eps_fn, grid, rebuild, stats, "nfe_forward")
+
+    if grad is None:
+        with torch.no_grad():
+            y = solve(lambda i, y: eps_fwd(i, y, cond_tensors), x_T / grid.alpha(0), grid, order,
+                      progress=progress)
+        return y * grid.alpha(grid.steps)
+
+    if grad == "backprop":
+        def eps_checked(i: int, y: Tensor) -> Tensor:
+            eps = eps_fwd(i, y, cond_tensors)
+            if i == 0 and params:
+                used = _leaves(eps) if eps.grad_fn is not None else set()
+                missing = [j for j, p in enumerate(params) if p.is_leaf and id(p) not in used]
+                if missing:
+                    raise ValueError(f"params{missing} are never used by eps_fn: they would get no gradient")
+            return eps
+        with torch.enable_grad():
+            y = solve(eps_checked, x_T / grid.alpha(0), grid, order, progress=progress)
+        return y * grid.alpha(grid.steps)
+
+    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, n_cond=len(cond_tensors),
+                params=params, progress=progress, eps_at_fwd=eps_fwd,
+                eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
+    return _AdjointSampler.apply(spec, x_T, *cond_tensors, *params)

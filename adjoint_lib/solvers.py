@@ -1,0 +1,171 @@
+"""Exponential-integrator multistep solvers in the reparameterized variables.
+
+With ``y = x / alpha`` and ``rho = sigma / alpha = exp(-lambda)`` the probability-flow ODE
+of an epsilon-prediction model is ``dy/drho = eps(alpha(rho) y, t(rho), c)``. One step
+
+    y_{i+1} = y_i + int_{rho_i}^{rho_{i+1}} eps drho
+
+is taken by interpolating eps by a polynomial in lambda through the last ``q`` nodes and
+integrating it exactly against ``drho = -exp(-lambda) dlambda``. Order 1 is DDIM (Euler in
+rho); orders 2 and 3 are DPM-Solver-2M / -3M. The same weights integrate the adjoint
+equations backwards (``adjoint.py``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .schedule import VPSchedule
+
+Tensor = torch.Tensor
+
+
+def phi_integrals(rho_a: float, rho_b: float, n: int) -> list[float]:
+    """``Phi_m = int_{rho_a}^{rho_b} (lambda - lambda_a)^m drho`` for ``m < n``.
+
+    Closed form with ``h = lambda_b - lambda_a``: ``Phi_m = -m! (rho_a - rho_b sum_{k<=m} h^k/k!)``
+    ``= -m! rho_b sum_{k>m} h^k/k!`` (the series is used for small ``|h|`` to avoid
+    cancellation); ``rho_b = 0`` (``h = inf``) gives ``-m! rho_a``.
+    """
+    out = [rho_b - rho_a]
+    if n == 1:
+        return out
+    if rho_a <= 0.0:
+        raise ValueError("higher-order weights need rho_a > 0")
+    if rho_b == 0.0:
+        return out + [-math.factorial(m) * rho_a for m in range(1, n)]
+    h = math.log(rho_a / rho_b)
+    for m in range(1, n):
+        if abs(h) < 0.5:
+            term, tail = h ** m / math.factorial(m), 0.0
+            for k in range(m + 1, m + 40):
+                term *= h / k
+                tail += term
+            out.append(-math.factorial(m) * rho_b * tail)
+        else:
+            partial = sum(h ** k / math.factorial(k) for k in range(m + 1))
+            out.append(-math.factorial(m) * (rho_a - rho_b * partial))
+    return out
+
+
+def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float) -> list[float]:
+    """Weights ``w_j`` with ``int_{rho_a}^{rho_b} f drho ~= sum_j w_j f(lambda_j)``.
+
+    ``f`` is interpolated by the polynomial in ``s = lambda - lambdas[0]`` through the nodes
+    ``lambdas`` (``lambdas[0]`` is the anchor at ``rho_a``); ``w = V^{-T} Phi`` with the
+    Vandermonde matrix ``V_jm = s_j^m`` and ``Phi`` from :func:`phi_integrals`.
+    """
+    q = len(lambdas)
+    phi = phi_integrals(rho_a, rho_b, q)
+    if q == 1:
+        return phi
+    s = np.asarray(lambdas, dtype=np.float64) - lambdas[0]
+    vander = np.vander(s, q, increasing=True)
+    return np.linalg.solve(vander.T, np.asarray(phi)).tolist()
+
+
+@dataclass
+class Grid:
+    """Discretization of one sampling run.
+
+    ``t[i]`` (``i < N``) are the model timesteps where eps is evaluated, ``rho[i]``
+    (``i <= N``) the reparameterized times (``rho[N]`` is where the last step ends) and
+    ``lam[i] = -log rho[i]``; ``t_end`` and ``lam_end`` are the timestep and lambda used
+    when the adjoint evaluates eps at the end point (clamped to the schedule's range when
+    ``rho[N] = 0``).
+    """
+
+    t: Tensor
+    rho: list[float]
+    lam: list[float]
+    t_end: float
+    lam_end: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.rho) - 1
+
+    def alpha(self, i: int) -> float:
+        """``alpha_i = 1 / sqrt(1 + rho_i^2)``."""
+        return 1.0 / math.sqrt(1.0 + self.rho[i] ** 2)
+
+    def node_t(self, i: int) -> float:
+        return float(self.t[i]) if i < self.steps else self.t_end
+
+    def forward_order(self, i: int, order: int) -> int:
+        """Order of forward step ``i``: lower at the start (not enough history) and
+        first order for a last step that ends at ``rho = 0`` (infinite lambda-width)."""
+        if i == self.steps - 1 and self.rho[-1] == 0.0:
+            return 1
+        return min(order, i + 1)
+
+    def forward_weights(self, i: int, order: int) -> list[float]:
+        """Weights of ``eps_i, eps_{i-1}, ...`` for the step ``rho_i -> rho_{i+1}``."""
+        q = self.forward_order(i, order)
+        return ei_weights([self.lam[i - j] for j in range(q)], self.rho[i], self.rho[i + 1])
+
+    def backward_weights(self, k: int, order: int) -> list[float]:
+        """Weights of nodes ``k+1, k+2, ...`` for the backward step ``rho_{k+1} -> rho_k``
+        (an explicit multistep method run from ``rho_N`` up to ``rho_0``)."""
+        q = 1 if self.rho[k + 1] == 0.0 else min(order, self.steps - k)
+        return ei_weights([self.lam_eval(k + 1 + j) for j in range(q)], self.rho[k + 1], self.rho[k])
+
+    def lam_eval(self, i: int) -> float:
+        """lambda at which node ``i`` is evaluated (finite even for ``rho_N = 0``)."""
+        return self.lam[i] if math.isfinite(self.lam[i]) else self.lam_end
+
+
+def make_grid(schedule: VPSchedule, steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
+              spacing: str = "logsnr", t_start: float | None = None, t_end: float | None = None) -> Grid:
+    """Build the :class:`Grid` from ``steps`` (``steps + 1`` points from ``t_start`` to
+    ``t_end`` with the given ``spacing``; the last point is where sampling ends) or from
+    explicit decreasing ``timesteps`` (eps is evaluated at each one; the last step ends
+    where the scheduler's own last step ends, ``schedule.rho_end``)."""
+    if (steps is None) == (timesteps is None):
+        raise ValueError("give exactly one of steps= or timesteps=")
+    if timesteps is not None:
+        t = torch.as_tensor(timesteps).to(torch.float64).flatten()
+        if t.numel() < 1:
+            raise ValueError("timesteps is empty")
+        if t.numel() > 1 and not bool((t[1:] < t[:-1]).all()):
+            raise ValueError("timesteps must be strictly decreasing")
+        if float(t.min()) < schedule.t_min or float(t.max()) > schedule.t_max:
+            raise ValueError(f"timesteps must lie in [{schedule.t_min}, {schedule.t_max}]")
+        rho = schedule.rho(t).tolist() + [schedule.rho_end]
+        if rho[-1] >= rho[-2]:
+            raise ValueError("the schedule's final point is noisier than the last timestep")
+    else:
+        full = schedule.timesteps(steps, spacing, t_start, t_end)
+        t, rho = full[:-1], schedule.rho(full).tolist()
+    lam = [-math.log(r) if r > 0 else math.inf for r in rho]
+    t_last = float(schedule.t_of_rho(torch.tensor(max(rho[-1], 1e-300), dtype=torch.float64)))
+    lam_end = float(schedule.lambda_(torch.tensor(t_last, dtype=torch.float64)))
+    return Grid(t=t, rho=rho, lam=lam, t_end=t_last, lam_end=lam_end)
+
+
+EpsAt = Callable[[int, Tensor], Tensor]
+
+
+def solve(eps_at: EpsAt, y0: Tensor, grid: Grid, order: int = 1,
+          on_state: Callable[[int, Tensor], None] | None = None, progress: bool = False) -> Tensor:
+    """Integrate ``dy/drho = eps`` over the grid with the ``order``-step exponential
+    multistep method. ``eps_at(i, y_i)`` evaluates eps at node ``i``; ``on_state(i, y_i)``
+    sees every grid state ``y_0 .. y_N`` (used to cache the trajectory)."""
+    from tqdm.auto import tqdm
+
+    history: list[Tensor] = []
+    y = y0
+    for i in tqdm(range(grid.steps), desc="sample", disable=not progress, leave=False):
+        if on_state is not None:
+            on_state(i, y)
+        history.insert(0, eps_at(i, y))
+        del history[order:]
+        w = grid.forward_weights(i, order)
+        y = y + sum(wj * e for wj, e in zip(w, history))
+    if on_state is not None:
+        on_state(grid.steps, y)
+    return y

@@ -165,33 +165,40 @@ def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
 def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, a: Tensor):
     """AdjointDPM: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
-    Step ``k`` (``rho_{k+1} -> rho_k``) with weights ``W_j`` on nodes ``k+1, k+2, ...``:
-    ``y_k = y_{k+1} + sum W_j eps_j``, ``a_k = a_{k+1} - sum W_j v_j``,
-    ``g -= sum W_j u_j`` where ``v = a^T deps/dy`` and ``u = a^T deps/d(c, theta)``.
+    With ``a = dL/dy = alpha dL/dx`` the integrands are ``a^T deps/dy = alpha^2 V`` and
+    ``a^T deps/d(c, theta) = alpha U`` where ``V = (dL/dx)^T deps/dx`` and ``U`` are smooth,
+    O(1) functions of lambda (like eps itself), so the exponential integrator interpolates
+    ``V, U`` in lambda and integrates the known factors ``alpha^2, alpha`` exactly. Step
+    ``k`` (``rho_{k+1} -> rho_k``) on nodes ``k+1, k+2, ...``:
+
+        y_k = y_{k+1} + sum_j W0_j eps_j,   a_k = a_{k+1} - sum_j W2_j V_j,
+        g  -= sum_j W1_j U_j                (Wp: weights of alpha^p drho, see ei_weights)
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
-    weights = [grid.backward_weights(k, order) for k in range(N)]
-    coef = [0.0] * (N + 1)  # total weight of node m in the g_c / g_theta quadrature
-    for k, w in enumerate(weights):
-        for j, wj in enumerate(w):
+    w0 = [grid.backward_weights(k, order, 0) for k in range(N)]
+    w2 = [grid.backward_weights(k, order, 2) for k in range(N)]
+    coef = [0.0] * (N + 1)  # total W1 weight of node m in the g_c / g_theta quadrature
+    for k in range(N):
+        for j, wj in enumerate(grid.backward_weights(k, order, 1)):
             coef[k + 1 + j] += wj
     y = states[-1]
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
     eps_hist: list[Tensor] = []
-    v_hist: list[Tensor] = []
+    V_hist: list[Tensor] = []
     for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
         node = k + 1
+        alpha = grid.alpha(node)
         y_node = states[node] if len(states) > 1 else y
         eps, v, uc, up = _vjp(eps_at, node, y_node, cond_in, cond_req, params, a)
         eps_hist.insert(0, eps)
-        v_hist.insert(0, v)
-        del eps_hist[order:], v_hist[order:]
-        g_cond, g_par = _add(g_cond, uc, -coef[node]), _add(g_par, up, -coef[node])
-        w = weights[k]
+        V_hist.insert(0, v / alpha ** 2)
+        del eps_hist[order:], V_hist[order:]
+        g_cond = _add(g_cond, uc, -coef[node] / alpha)
+        g_par = _add(g_par, up, -coef[node] / alpha)
         if len(states) == 1:
-            y = y + sum(wj * e for wj, e in zip(w, eps_hist))
-        a = a - sum(wj * vj for wj, vj in zip(w, v_hist))
+            y = y + sum(wj * e for wj, e in zip(w0[k], eps_hist))
+        a = a - sum(wj * Vj for wj, Vj in zip(w2[k], V_hist))
         _check_finite(a, k, grid)
     return a, g_cond, g_par
 

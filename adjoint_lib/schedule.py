@@ -159,13 +159,14 @@ class VPSchedule:
         if spacing == "logsnr":
             l0, l1 = self.lambda_(torch.tensor(t0)), self.lambda_(torch.tensor(t1))
             t = self.t_of_lambda(l0 + (l1 - l0) * s)
-            t[0], t[-1] = t0, t1
-            return t
-        if spacing == "time":
-            return t0 + (t1 - t0) * s
-        if spacing == "quadratic":
-            return (math.sqrt(t0) + (math.sqrt(t1) - math.sqrt(t0)) * s) ** 2
-        raise ValueError(f"spacing must be 'logsnr', 'time' or 'quadratic', got {spacing!r}")
+        elif spacing == "time":
+            t = t0 + (t1 - t0) * s
+        elif spacing == "quadratic":
+            t = (math.sqrt(t0) + (math.sqrt(t1) - math.sqrt(t0)) * s) ** 2
+        else:
+            raise ValueError(f"spacing must be 'logsnr', 'time' or 'quadratic', got {spacing!r}")
+        t[0], t[-1] = t0, t1  # exact end points
+        return t
 
     def __repr__(self) -> str:
         return (f"VPSchedule(N={self.alphas_cumprod.numel()}, "

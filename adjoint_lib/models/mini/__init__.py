@@ -1,0 +1,162 @@
+"""MiniSD: a small text-to-image diffusion model with Stable Diffusion's component classes.
+
+A ``CLIPTokenizer`` over a 23-word vocabulary, a small ``CLIPTextModel``, a pixel-space
+``UNet2DConditionModel`` (16x16 RGB) and a ``DDPMScheduler`` config, trained by this project
+on CPU from scikit-learn's digits (:mod:`.data`, :mod:`.train`) and shipped in
+``data/mini/``, together with the judges of :mod:`.judges`::
+
+    from adjoint_lib.models import mini
+    model = mini.load()                                   # ~0.1 s, offline
+    x0 = mini.generate(model, [mini.caption(7, "red", "black", "bold")], seeds=[0])
+
+Sampling goes through :func:`adjoint_lib.sample` with :class:`adjoint_lib.models.UNetEps`
+(classifier-free guidance with the empty prompt), so every gradient mode of the library
+works on MiniSD exactly as on Stable Diffusion.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ...adjoint import sample
+from ...schedule import VPSchedule
+from ..diffusers_eps import UNetEps
+from .data import (BACKGROUNDS, COLORS, DIGITS, PAIRS, STYLES, VOCABULARY, Labels, caption,
+                   random_labels)
+from .judges import Judges, load_judges
+
+Tensor = torch.Tensor
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "mini"
+MAX_LENGTH = 16          # tokens per prompt, BOS and EOS included (= max_position_embeddings)
+GUIDANCE_SCALE = 3.0     # classifier-free guidance weight used by generate() and evaluate
+IMAGE_SHAPE = (3, 16, 16)
+
+__all__ = ["MiniSD", "load", "generate", "encode_prompts", "initial_noise", "check_prompt",
+           "caption", "random_labels", "Labels", "Judges", "DIGITS", "COLORS", "BACKGROUNDS",
+           "STYLES", "VOCABULARY", "PAIRS", "DATA_DIR", "MAX_LENGTH", "GUIDANCE_SCALE",
+           "IMAGE_SHAPE"]
+
+
+@dataclass
+class MiniSD:
+    """The loaded model: diffusers/transformers components, the :class:`VPSchedule` of the
+    scheduler, and the :class:`Judges` (``None`` if loaded with ``judges=False``)."""
+    tokenizer: "CLIPTokenizer"  # noqa: F821 (transformers type, imported lazily)
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    schedule: VPSchedule
+    judges: Judges | None
+    load_seconds: float = 0.0
+
+
+def check_prompt(prompt: str, extra_words: Iterable[str] = ()) -> list[str]:
+    """Split a prompt into words and check each is in the MiniSD vocabulary.
+
+    ``extra_words`` are also accepted (e.g. tokens added by textual inversion).
+    Returns the words; raises ``ValueError`` naming the unknown ones and listing the vocabulary.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    words = prompt.lower().split()
+    allowed = set(VOCABULARY) | {w.lower() for w in extra_words}
+    unknown = [w for w in words if w not in allowed]
+    if unknown:
+        raise ValueError(f"prompt {prompt!r} has word(s) outside the MiniSD vocabulary: {unknown}. "
+                         f"Known words: {' '.join(VOCABULARY)}"
+                         + (f" (+ added tokens: {' '.join(sorted(extra_words))})" if extra_words else ""))
+    if len(words) + 2 > MAX_LENGTH:
+        raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {MAX_LENGTH - 2} fit")
+    return words
+
+
+def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> Tensor:
+    """Text embeddings (B, MAX_LENGTH, D) of prompts, as the UNet's ``encoder_hidden_states``.
+
+    Prompts are padded with EOS to ``MAX_LENGTH`` as in Stable Diffusion; ``[""]`` gives the
+    null (unconditional) embedding used for classifier-free guidance. Gradients flow to the
+    text encoder's weights when they require grad.
+    """
+    ids = tokenizer(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) -> Tensor:
+    """Standard normal x_T (B, 3, 16, 16); item i depends only on ``seeds[i]``."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+def load(path: str | Path | None = None, judges: bool = True) -> MiniSD:
+    """Load MiniSD from ``data/mini`` (or ``path``) offline, float32, eval mode, frozen.
+
+    All parameters have ``requires_grad=False``; enable the ones you optimize (or add LoRA
+    adapters). The UNet uses diffusers' plain ``AttnProcessor``, which is faster than SDPA
+    for its 16-token attentions on CPU.
+
+    Raises ``FileNotFoundError`` if the model (or, with ``judges=True``, the judges) is
+    missing and ``RuntimeError`` if the tokenizer comes back empty.
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    t0 = time.perf_counter()
+    root = Path(path) if path is not None else DATA_DIR
+    missing = [p for p in ("tokenizer", "text_encoder", "unet", "scheduler") + (("judges",) if judges else ())
+               if not (root / p).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"MiniSD not found in {root} (missing {missing}); train it with "
+                                "`python -m adjoint_lib.models.mini.train` and the judges with "
+                                "`python -m adjoint_lib.models.mini.judges`")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    if len(tokenizer) <= 2 or any(len(tokenizer(w).input_ids) != 3 for w in VOCABULARY):
+        raise RuntimeError(f"the tokenizer in {root / 'tokenizer'} loaded empty or broken "
+                           f"({len(tokenizer)} tokens): its files are missing or unreadable")
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+    unet.set_attn_processor(AttnProcessor())
+    for m in (text_encoder, unet):
+        m.to(torch.float32).eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
+    return MiniSD(tokenizer, text_encoder, unet, scheduler, VPSchedule.from_diffusers(scheduler),
+                  load_judges(root / "judges") if judges else None,
+                  load_seconds=time.perf_counter() - t0)
+
+
+def _prompt_words_ok(model: MiniSD, prompts: Sequence[str]) -> None:
+    added = list(model.tokenizer.get_added_vocab())
+    specials = set(model.tokenizer.all_special_tokens)
+    for p in prompts:
+        check_prompt(re.sub(r"\s+", " ", p), [w for w in added if w not in specials])
+
+
+def generate(model: MiniSD, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
+             order: int = 2, guidance_scale: float = GUIDANCE_SCALE, grad: str | None = None,
+             x_T: Tensor | None = None, params: Sequence[Tensor] = ()) -> Tensor:
+    """Generate images (B, 3, 16, 16), roughly in [-1, 1], from prompts and seeds.
+
+    Samples the probability-flow ODE with :func:`adjoint_lib.sample` (DPM-Solver of
+    ``order`` on a log-SNR grid of ``steps`` steps) and classifier-free guidance against the
+    empty prompt. ``x_T`` overrides the noise of ``seeds`` (pass one that requires grad to
+    get dL/dx_T); ``grad`` and ``params`` are handed to ``sample``.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    _prompt_words_ok(model, prompts)
+    ctx = torch.enable_grad() if grad is not None else torch.no_grad()
+    with ctx:
+        cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+        uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])
+    noise = initial_noise(seeds) if x_T is None else x_T
+    eps_fn = UNetEps(model.unet, schedule=model.schedule, guidance_scale=guidance_scale,
+                     prediction_type=model.scheduler.config.prediction_type)
+    return sample(eps_fn, noise, (cond, uncond), schedule=model.schedule, steps=steps,
+                  order=order, grad=grad, params=params)

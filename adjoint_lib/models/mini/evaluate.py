@@ -1,0 +1,115 @@
+"""Evaluate MiniSD: ``python -m adjoint_lib.models.mini.evaluate`` prints one JSON line.
+
+Generates ``--n`` images (default 240) from random prompts (digit, style uniform; color
+pair uniform over :data:`~.data.PAIRS`), seed ``i`` for image ``i``, with 20 steps of
+DPM-Solver order 2 and classifier-free guidance :data:`~adjoint_lib.models.mini.GUIDANCE_SCALE`,
+and reports the fraction whose prompted attributes the judges read back, plus timings:
+
+* ``digit_judge_acc`` (target >= 0.90), ``color_acc`` (>= 0.95), ``style_acc`` (>= 0.85),
+  and also ``digit_auditee_acc`` and ``background_acc``;
+* ``load_seconds`` (<= 2), ``sample16_seconds``: 16 images at 20 steps (<= 3), and
+  ``unet_cfg_batch32_ms_1thread``: one guided UNet evaluation of a batch of 32 on one thread.
+
+The line is also written to ``data/mini/eval_metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import DATA_DIR, GUIDANCE_SCALE, MiniSD, encode_prompts, generate, initial_noise, load
+from .data import Labels, random_labels
+from .judges import Judges, read_colors
+from ..diffusers_eps import UNetEps
+
+Tensor = torch.Tensor
+TARGETS = {"digit_judge_acc": 0.90, "color_acc": 0.95, "style_acc": 0.85,
+           "load_seconds": 2.0, "sample16_seconds": 3.0}
+
+
+def judge_metrics(judges: Judges, images: Tensor, labels: Labels) -> dict[str, float]:
+    """Fraction of images (B, 3, 16, 16) in [-1, 1] whose attributes each judge reads as ``labels``."""
+    with torch.no_grad():
+        fg, bg = read_colors(images)
+        hits = {
+            "digit_judge_acc": judges.digit(images).argmax(1) == labels.digit,
+            "digit_auditee_acc": judges.auditee(images).argmax(1) == labels.digit,
+            "color_acc": fg == labels.color,
+            "background_acc": bg == labels.background,
+            "style_acc": judges.style(images).argmax(1) == labels.style,
+        }
+    return {k: round(float(v.float().mean()), 4) for k, v in hits.items()}
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def timings(model: MiniSD, path: Path | None = None) -> dict[str, float]:
+    """Load time, 16 images at 20 steps (current thread count), one guided UNet call on a
+    batch of 32 with one thread (medians of a few repeats)."""
+    load_s = _median_seconds(lambda: load(path), 3)
+    prompts, seeds = random_labels(16, torch.Generator().manual_seed(0)).captions(), list(range(16))
+    generate(model, prompts, seeds)  # warm-up
+    sample_s = _median_seconds(lambda: generate(model, prompts, seeds), 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            cond = encode_prompts(model.tokenizer, model.text_encoder,
+                                  random_labels(32, torch.Generator().manual_seed(1)).captions())
+            uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])
+        eps = UNetEps(model.unet, schedule=model.schedule, guidance_scale=GUIDANCE_SCALE)
+        x, t = initial_noise(range(32)), torch.full((32,), 500.0)
+        with torch.no_grad():
+            eps(x, t, (cond, uncond))
+            unet_s = _median_seconds(lambda: eps(x, t, (cond, uncond)), 9)
+    finally:
+        torch.set_num_threads(threads)
+    return {"load_seconds": round(load_s, 3), "sample16_seconds": round(sample_s, 3),
+            "unet_cfg_batch32_ms_1thread": round(1000 * unet_s, 1), "torch_threads": threads}
+
+
+def evaluate(model: MiniSD, n: int = 240, seed: int = 0, steps: int = 20, order: int = 2,
+             guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 48) -> dict[str, float]:
+    """Judge metrics of ``n`` generated images from random prompts (seeds ``seed*n + i``)."""
+    labels = random_labels(n, torch.Generator().manual_seed(seed))
+    prompts = labels.captions()
+    images = torch.cat([
+        generate(model, prompts[i:i + batch_size], [seed * n + j for j in range(i, min(n, i + batch_size))],
+                 steps=steps, order=order, guidance_scale=guidance_scale)
+        for i in range(0, n, batch_size)])
+    return {"n": n, "steps": steps, "order": order, "guidance_scale": guidance_scale,
+            **judge_metrics(model.judges, images, labels)}
+
+
+def main() -> None:
+    """Command line: evaluate, check the timings, print one JSON line and save it."""
+    p = argparse.ArgumentParser(description="Evaluate MiniSD against its targets.")
+    p.add_argument("--n", type=int, default=240)
+    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
+    p.add_argument("--path", type=Path, default=DATA_DIR)
+    p.add_argument("--no-save", action="store_true", help="do not write eval_metrics.json")
+    a = p.parse_args()
+    model = load(a.path)
+    metrics = {**evaluate(model, n=a.n, guidance_scale=a.guidance_scale), **timings(model, a.path)}
+    metrics["targets_met"] = all(metrics[k] <= v if k.endswith("seconds") else metrics[k] >= v
+                                 for k, v in TARGETS.items())
+    line = json.dumps(metrics)
+    if not a.no_save:
+        (a.path / "eval_metrics.json").write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedule import VPSchedule
-from .solvers import Grid, make_grid, solve
+from .solvers import Grid, ei_weights, make_grid, solve
 
 Tensor = torch.Tensor
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -125,8 +125,7 @@ class _AdjointSampler(torch.autograd.Function):
         cond_in = [c.detach().requires_grad_(r) for c, r in zip(cond_saved, cond_req)]
         run = _backward_adjoint if spec["mode"] == "adjoint" else _backward_checkpoint
         with torch.enable_grad():
-            a0, g_cond, g_par = run(spec, grid, states, cond_in, cond_req, params,
-                                    grad_x0 * grid.alpha(grid.steps))
+            g_xT, g_cond, g_par = run(spec, grid, states, cond_in, cond_req, params, grad_x0)
         unused = [j for j, g in enumerate(g_par) if g is None]
         if unused:
             raise ValueError(f"params{unused} are never used by eps_fn: they would get no gradient")
@@ -134,7 +133,7 @@ class _AdjointSampler(torch.autograd.Function):
             if r and g is None:
                 warnings.warn(f"cond tensor {j} requires grad but eps_fn never uses it; its gradient is zero")
                 g_cond[j] = torch.zeros_like(cond_saved[j])
-        return (None, a0 / grid.alpha(0), *g_cond, *g_par)
+        return (None, g_xT, *g_cond, *g_par)
 
 
 def _vjp(eps_at: Callable, i: int, y: Tensor, cond_in: list[Tensor], cond_req: list[bool],
@@ -165,45 +164,66 @@ def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
 def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, a: Tensor):
     """AdjointDPM: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
-    With ``a = dL/dy = alpha dL/dx`` the integrands are ``a^T deps/dy = alpha^2 V`` and
-    ``a^T deps/d(c, theta) = alpha U`` where ``V = (dL/dx)^T deps/dx`` and ``U`` are smooth,
-    O(1) functions of lambda (like eps itself), so the exponential integrator interpolates
-    ``V, U`` in lambda and integrates the known factors ``alpha^2, alpha`` exactly. Step
-    ``k`` (``rho_{k+1} -> rho_k``) on nodes ``k+1, k+2, ...``:
+    Adjoint state ``a = dL/dx`` (``= (dL/dy) / alpha``). Since ``dx/drho = alpha (eps - sigma x)``:
 
-        y_k = y_{k+1} + sum_j W0_j eps_j,   a_k = a_{k+1} - sum_j W2_j V_j,
-        g  -= sum_j W1_j U_j                (Wp: weights of alpha^p drho, see ei_weights)
+        da/drho = -alpha (a^T J - sigma a),  J = deps/dx;   dL/d(c, theta) = int alpha a^T deps/d(c, theta) drho.
+
+    Exponential integrator with the Jacobian's scalar part ``J ~ kappa sigma I`` solved
+    exactly: ``b = alpha^(1-kappa) a`` obeys ``db/drho = -alpha R`` with the residual
+    ``R = alpha^(1-kappa) (a^T J - kappa sigma a)``, which is smooth in lambda and is
+    interpolated like eps. ``kappa = a^T J a / (sigma |a|^2)`` (clamped to [0, 1]) is read
+    off the vjp at each step's anchor node for free: ``kappa = 0`` is the paper's form in
+    ``dL/dy`` (exact when eps ignores x), ``kappa = 1`` the form in ``dL/dx`` (exact for
+    whitened data, ``eps = sigma x``, which trained models approach at high noise; there
+    the ``dL/dy`` form cancels large terms and divides by the tiny ``alpha_T``). Step ``k``
+    (``rho_{k+1} -> rho_k``) on nodes ``j = k+1, k+2, ...`` (``Wp``: weights of
+    ``alpha^p drho``, :func:`ei_weights`):
+
+        y_k = y_{k+1} + sum_j W0_j eps_j
+        a_k = (alpha_k/alpha_{k+1})^(kappa-1) a_{k+1} - alpha_k^(kappa-1) sum_j W1_j R_j
+        g  -= sum_j Wkappa_j alpha_j^(1-kappa) U_j,     U = a^T deps/d(c, theta)
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
-    w0 = [grid.backward_weights(k, order, 0) for k in range(N)]
-    w2 = [grid.backward_weights(k, order, 2) for k in range(N)]
-    coef = [0.0] * (N + 1)  # total W1 weight of node m in the g_c / g_theta quadrature
-    for k in range(N):
-        for j, wj in enumerate(grid.backward_weights(k, order, 1)):
-            coef[k + 1 + j] += wj
     y = states[-1]
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
-    eps_hist: list[Tensor] = []
-    V_hist: list[Tensor] = []
+    hist: list[tuple] = []  # (eps, a^T J, a, sigma, alpha, U_cond, U_params) at nodes k+1, k+2, ...
     for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
         node = k + 1
         alpha = grid.alpha(node)
+        sigma = alpha * grid.rho[node]
         y_node = states[node] if len(states) > 1 else y
-        eps, v, uc, up = _vjp(eps_at, node, y_node, cond_in, cond_req, params, a)
-        eps_hist.insert(0, eps)
-        V_hist.insert(0, v / alpha ** 2)
-        del eps_hist[order:], V_hist[order:]
-        g_cond = _add(g_cond, uc, -coef[node] / alpha)
-        g_par = _add(g_par, up, -coef[node] / alpha)
+        eps, vy, uc, up = _vjp(eps_at, node, y_node, cond_in, cond_req, params, a)
+        aJ = vy / alpha
+        hist.insert(0, (eps, aJ, a, sigma, alpha, uc, up))
+        del hist[order:]
+        kappa = _kappa(aJ, a, sigma)
+        q = 1 if grid.rho[node] == 0.0 else min(order, N - k)
+        lams = [grid.lam_eval(node + j) for j in range(q)]
+        w1 = ei_weights(lams, grid.rho[node], grid.rho[k], 1)
+        wk = ei_weights(lams, grid.rho[node], grid.rho[k], kappa)
         if len(states) == 1:
-            y = y + sum(wj * e for wj, e in zip(w0[k], eps_hist))
-        a = a - sum(wj * Vj for wj, Vj in zip(w2[k], V_hist))
+            w0 = ei_weights(lams, grid.rho[node], grid.rho[k], 0)
+            y = y + sum(wj * h[0] for wj, h in zip(w0, hist))
+        alpha_k = grid.alpha(k)
+        resid = sum(wj * h[4] ** (1 - kappa) * (h[1] - kappa * h[3] * h[2]) for wj, h in zip(w1, hist))
+        a = (alpha_k / alpha) ** (kappa - 1) * a - alpha_k ** (kappa - 1) * resid
+        for wj, h in zip(wk, hist):
+            g_cond = _add(g_cond, h[5], -wj * h[4] ** (1 - kappa))
+            g_par = _add(g_par, h[6], -wj * h[4] ** (1 - kappa))
         _check_finite(a, k, grid)
     return a, g_cond, g_par
 
 
-def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, a_N: Tensor):
+def _kappa(aJ: Tensor, a: Tensor, sigma: float) -> float:
+    """Rayleigh quotient ``a^T J a / (sigma |a|^2)`` in [0, 1] (1 where undefined)."""
+    denom = sigma * float((a * a).sum())
+    if denom <= 0.0:
+        return 1.0
+    return min(1.0, max(0.0, float((aJ * a).sum()) / denom))
+
+
+def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
     """Exact reverse mode of the discrete multistep sampler from stored grid states.
 
     ``y_{i+1} = y_i + sum_j w_{i,j} eps_{i-j}``  =>  with ``g_m = sum_j w_{m+j,j} abar_{m+j+1}``:
@@ -211,7 +231,7 @@ def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, a_
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
     weights = [grid.forward_weights(i, order) for i in range(N)]
-    abar: dict[int, Tensor] = {N: a_N}
+    abar: dict[int, Tensor] = {N: grad_x0 * grid.alpha(N)}  # dL/dy_N
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
     for m in tqdm(range(N - 1, -1, -1), desc="checkpoint", disable=not spec["progress"], leave=False):
@@ -222,7 +242,7 @@ def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, a_
         abar[m] = abar[m + 1] + v
         abar.pop(m + order + 1, None)
         _check_finite(abar[m], m, grid)
-    return abar[0], g_cond, g_par
+    return abar[0] / grid.alpha(0), g_cond, g_par
 
 
 # ------------------------------------------------------------------------- entry point

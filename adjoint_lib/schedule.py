@@ -90,6 +90,12 @@ class VPSchedule:
         t64, dt = self._as64(t)
         return self._interp(t64, self._t, self._log_alpha).to(dt)
 
+    def dlog_alpha_dt(self, t: Any) -> Tensor:
+        """``d log alpha / dt``: the slope of the interpolation segment containing t."""
+        t64, dt = self._as64(t)
+        idx = torch.searchsorted(self._t, t64.detach().clamp(self.t_min, self.t_max)).clamp(1, self._t.numel() - 1)
+        return (self._log_alpha[idx] - self._log_alpha[idx - 1]).to(dt)
+
     def alpha(self, t: Any) -> Tensor:
         """``alpha_t = sqrt(alphabar_t)``."""
         t64, dt = self._as64(t)

@@ -55,31 +55,35 @@ def phi_integrals(rho_a: float, rho_b: float, n: int) -> list[float]:
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
-def weighted_phi_integrals(rho_a: float, rho_b: float, n: int, power: int) -> list[float]:
+def weighted_phi_integrals(rho_a: float, rho_b: float, n: int, power: float) -> list[float]:
     """``Psi_m = int_{rho_a}^{rho_b} alpha(rho)^power (lambda - lambda_a)^m drho``, ``m < n``,
     with ``alpha = (1 + rho^2)^{-1/2}``.
 
-    ``power = 0`` is :func:`phi_integrals`; ``m = 0`` has closed forms (``asinh`` for
-    power 1, ``arctan`` for power 2); higher ``m`` use 24-point Gauss-Legendre in lambda
-    (``drho = -rho dlambda``; the integrand is smooth, so this is exact to rounding).
+    ``power = 0`` is :func:`phi_integrals`; ``m = 0`` has closed forms for power 1
+    (``asinh``) and 2 (``arctan``); everything else uses 24-point Gauss-Legendre, in lambda
+    (``drho = -rho dlambda``) or, for an interval touching ``rho = 0`` (``m = 0`` only), in
+    rho. The integrands are smooth, so this is exact to rounding.
     """
     if power == 0:
         return phi_integrals(rho_a, rho_b, n)
-    if power not in (1, 2):
-        raise ValueError("power must be 0, 1 or 2")
-    out = [math.asinh(rho_b) - math.asinh(rho_a) if power == 1 else math.atan(rho_b) - math.atan(rho_a)]
-    if n == 1:
-        return out
     if rho_a <= 0.0 or rho_b <= 0.0:
-        raise ValueError("higher-order weighted integrals need rho_a, rho_b > 0")
+        if n > 1:
+            raise ValueError("higher-order weighted integrals need rho_a, rho_b > 0")
+        if power in (1, 2):
+            return [math.asinh(rho_b) - math.asinh(rho_a) if power == 1 else math.atan(rho_b) - math.atan(rho_a)]
+        rho = 0.5 * (rho_b - rho_a) * _GL_NODES + 0.5 * (rho_a + rho_b)
+        return [float(np.sum(0.5 * (rho_b - rho_a) * _GL_WEIGHTS * (1.0 + rho * rho) ** (-0.5 * power)))]
     la, lb = -math.log(rho_a), -math.log(rho_b)
     lam = 0.5 * (lb - la) * _GL_NODES + 0.5 * (la + lb)
     rho = np.exp(-lam)
     base = -rho * (1.0 + rho * rho) ** (-0.5 * power) * 0.5 * (lb - la) * _GL_WEIGHTS
-    return out + [float(np.sum(base * (lam - la) ** m)) for m in range(1, n)]
+    out = [float(np.sum(base * (lam - la) ** m)) for m in range(n)]
+    if power in (1, 2):
+        out[0] = math.asinh(rho_b) - math.asinh(rho_a) if power == 1 else math.atan(rho_b) - math.atan(rho_a)
+    return out
 
 
-def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float, power: int = 0) -> list[float]:
+def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float, power: float = 0) -> list[float]:
     """Weights ``w_j`` with ``int_{rho_a}^{rho_b} alpha^power f drho ~= sum_j w_j f(lambda_j)``.
 
     ``f`` is interpolated by the polynomial in ``s = lambda - lambdas[0]`` through the nodes
@@ -136,7 +140,7 @@ class Grid:
         q = self.forward_order(i, order)
         return ei_weights([self.lam[i - j] for j in range(q)], self.rho[i], self.rho[i + 1])
 
-    def backward_weights(self, k: int, order: int, power: int = 0) -> list[float]:
+    def backward_weights(self, k: int, order: int, power: float = 0) -> list[float]:
         """Weights of nodes ``k+1, k+2, ...`` for the backward step ``rho_{k+1} -> rho_k``
         (an explicit multistep method run from ``rho_N`` up to ``rho_0``) of an integrand
         ``alpha^power f`` with ``f`` interpolated in lambda."""

@@ -107,11 +107,11 @@ class TaskModel:
 
 
 # ---------------------------------------------------------------------- loaders
-def load_mini() -> TaskModel:
-    """MiniSD from ``data/mini`` with its judges in ``extra["judges"]``."""
+def load_mini(path: str | os.PathLike | None = None) -> TaskModel:
+    """MiniSD from ``data/mini`` (or ``path``) with its judges in ``extra["judges"]``."""
     from ..models import mini
 
-    m = mini.load()
+    m = mini.load(path)
     return TaskModel("mini", m.tokenizer, m.text_encoder, m.unet, m.scheduler, m.schedule, None,
                      mini.IMAGE_SHAPE, mini.GUIDANCE_SCALE, mini.MAX_LENGTH,
                      extra={"judges": m.judges, "mini": m})

@@ -47,9 +47,26 @@ class TaskModel:
     extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ text
+    def check_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts as a list; on ``mini`` every word must be in MiniSD's vocabulary (or
+        a token added to the tokenizer, e.g. by textual inversion): ``ValueError`` naming the
+        unknown words and listing the known ones otherwise."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        prompts = list(prompts)
+        if self.profile == "mini":
+            from ..models.mini import check_prompt
+
+            specials = set(self.tokenizer.all_special_tokens)
+            added = [t for t in self.tokenizer.get_added_vocab() if t not in specials]
+            for p in prompts:
+                check_prompt(p, added)
+        return prompts
+
     def token_ids(self, prompts: Sequence[str]) -> Tensor:
-        """Token ids (B, max_length), padded as Stable Diffusion pads."""
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+        """Token ids (B, max_length), padded as Stable Diffusion pads (prompts checked by
+        :meth:`check_prompts`)."""
+        return self.tokenizer(self.check_prompts(prompts), padding="max_length", max_length=self.max_length,
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 
     def encode(self, prompts: Sequence[str], token_vectors: dict[int, Tensor] | None = None) -> Tensor:

@@ -1,0 +1,643 @@
+"""Paper task 2: stylization by fine-tuning the weights (LoRA) through the adjoint.
+
+One style reference image; the generated images should take on its *texture statistics*
+while still showing what their prompts ask for. Following Gatys et al., a fixed feature
+network ``phi`` gives feature maps ``F_l`` (C_l x H_l W_l) and
+
+    Gram        G_l(x) = F_l F_l^T / (H_l W_l)                       (C_l x C_l)
+    style       L_s(x) = mean_l |G_l(x) - G_l(ref)|_F^2 / |G_l(ref)|_F^2
+    content     L_c(x) = |F_c(x) - F_c(x_base)|^2 / |F_c(x_base)|^2
+    loss               = L_s + content_weight * L_c
+
+where ``x_base`` is the image the model generated for the same prompt and noise *before*
+fine-tuning. The Gram matrix forgets where features are, so ``L_s`` only asks for the
+reference's colors and local patterns; the content term (a deep layer of the same network,
+Gatys' choice) keeps the layout and the object of the pre-fine-tuning image. Low-rank
+adapters (peft ``LoraConfig`` through diffusers' ``unet.add_adapter``) receive
+``dL/dtheta`` from :func:`adjoint_lib.sample` (``grad="adjoint"``: the adjoint ODE, memory
+independent of the number of steps) over random prompts and noises, and are saved in
+diffusers' LoRA format (``pytorch_lora_weights.safetensors``).
+
+Profiles: on ``mini`` the feature network is the shipped auditee CNN (a digit classifier
+trained with color jitter: its deep layer encodes the digit's shape, not its colors), the
+reference a procedural 16x16 texture (:func:`make_style_reference`, shipped in
+``data/styles/``), and the independent digit judge checks that the digits survive. On
+``sd`` it is a ``transformers`` vision model's hidden states (:class:`HFFeatures`, e.g.
+``microsoft/resnet-50``; no torchvision).
+
+``python -m adjoint_lib.tasks.stylize --profile mini`` prints the metrics as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..paths import data_dir
+from .common import SD_MODEL_ID, TaskModel, load_task_model
+
+Tensor = torch.Tensor
+
+STYLE_DIR = data_dir("styles")
+STYLE_KINDS = ("stripes", "checker", "dots")
+#: the default reference colors: orange and deep violet (neither is a MiniSD color)
+STYLE_COLORS = ((1.0, 0.55, 0.0), (0.35, 0.0, 0.55))
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+HF_FEATURE_MODEL = "microsoft/resnet-50"
+SD_PROMPTS = ("a photo of a cat", "a mountain lake at sunrise", "a red sports car on a street",
+              "a bowl of fruit on a table", "a lighthouse by the sea", "a portrait of an old man",
+              "a city skyline at night", "a forest path in autumn")
+SD_HELD_OUT_PROMPTS = ("a dog in a park", "a sailing boat on a calm sea", "a house with a garden",
+                       "a vase of flowers", "a bridge over a river", "a snowy village")
+
+
+# ============================================================== the style reference
+def make_style_reference(kind: str = "stripes", size: int = 16, period: int = 4,
+                         colors: Sequence[Sequence[float]] = STYLE_COLORS) -> Tensor:
+    """A procedural texture (1, 3, size, size) in [-1, 1]: ``"stripes"`` (diagonal, width
+    ``period/2``), ``"checker"`` (squares of side ``period/2``) or ``"dots"`` (one dot per
+    ``period`` x ``period`` cell), in two colors (RGB in [0, 1])."""
+    if kind not in STYLE_KINDS:
+        raise ValueError(f"kind must be one of {STYLE_KINDS}, got {kind!r}")
+    if size < 2 or period < 2:
+        raise ValueError(f"size and period must be >= 2, got size={size}, period={period}")
+    i, j = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    half = period / 2
+    if kind == "stripes":
+        mask = ((i + j) % period) < half
+    elif kind == "checker":
+        mask = ((i // half + j // half) % 2) == 0
+    else:
+        c = (period - 1) / 2
+        mask = ((i % period - c) ** 2 + (j % period - c) ** 2) <= (period / 3.2) ** 2
+    a, b = (torch.tensor(c, dtype=torch.float32)[:, None, None] for c in colors)
+    m = torch.from_numpy(mask.astype(np.float32))[None]
+    return (a * m + b * (1 - m))[None] * 2 - 1
+
+
+def save_style_image(image: Tensor, path: str | Path) -> Path:
+    """Write an image (1 or no batch dim, 3, H, W) in [-1, 1] as a PNG."""
+    from PIL import Image
+
+    img = image[0] if image.ndim == 4 else image
+    arr = ((img.clamp(-1, 1) + 1) / 2 * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, "RGB").save(path)
+    return path
+
+
+def default_style_path(profile: str = "mini") -> Path:
+    """The shipped reference: ``data/styles/stripes_16.png`` (mini) or ``stripes_128.png`` (sd)."""
+    return STYLE_DIR / ("stripes_16.png" if profile == "mini" else "stripes_128.png")
+
+
+def load_style_image(path: str | Path, size: int | None = None) -> Tensor:
+    """Read a style reference (1, 3, H, W) in [-1, 1] from an image file (PNG, JPEG, ...),
+    resized to ``size`` x ``size`` when given.
+
+    Raises ``FileNotFoundError`` when the file does not exist and ``ValueError`` when it is
+    empty or not a readable image, saying what to pass instead.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    hint = ("pass the path of a PNG/JPEG image, or build one with "
+            "adjoint_lib.tasks.stylize.make_style_reference() (shipped: data/styles/)")
+    if not path.is_file():
+        raise FileNotFoundError(f"style image {str(path)!r} not found: {hint}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"style image {str(path)!r} is an empty file (0 bytes): {hint}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"style image {str(path)!r} is not a readable image "
+                         f"({type(exc).__name__}): {hint}") from exc
+    if arr.size == 0 or min(arr.shape[:2]) < 2:
+        raise ValueError(f"style image {str(path)!r} has no usable pixels ({arr.shape[1]}x{arr.shape[0]}): {hint}")
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def as_style_image(style: str | Path | Tensor | None, profile: str, size: int | None = None) -> Tensor:
+    """A style argument (path, image tensor in [-1, 1], or None for the shipped default)
+    as a (1, 3, H, W) tensor."""
+    if style is None:
+        style = default_style_path(profile)
+    if isinstance(style, Tensor):
+        img = style[None] if style.ndim == 3 else style
+        if img.ndim != 4 or img.shape[0] != 1 or img.shape[1] != 3 or img.numel() == 0:
+            raise ValueError(f"a style image tensor must be (1, 3, H, W) or (3, H, W), got {tuple(style.shape)}")
+        if size is not None and img.shape[-2:] != (size, size):
+            img = F.interpolate(img.float(), size=(size, size), mode="bicubic", align_corners=False)
+        return img.float()
+    return load_style_image(style, size)
+
+
+# ============================================================== Gram-matrix loss
+def gram_matrix(features: Tensor) -> Tensor:
+    """``G = F F^T / (H W)`` of feature maps (B, C, H, W) -> (B, C, C): the mean over
+    positions of the outer product of the feature vector with itself (where a feature
+    is, is forgotten; which features fire together, is kept)."""
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, C, H, W), got {tuple(features.shape)}")
+    b, c, h, w = features.shape
+    f = features.reshape(b, c, h * w)
+    return f @ f.transpose(1, 2) / (h * w)
+
+
+class FeatureNet(nn.Module):
+    """A fixed network whose ``forward(images in [-1, 1])`` returns a list of feature maps;
+    ``style_layers`` index the ones whose Gram matrices define style, ``content_layers``
+    the ones compared for content."""
+
+    style_layers: tuple[int, ...]
+    content_layers: tuple[int, ...]
+
+    def freeze(self) -> "FeatureNet":
+        return self.eval().requires_grad_(False)
+
+
+class SequentialTaps(FeatureNet):
+    """Feature maps after the given modules of an ``nn.Sequential`` (e.g. the ReLUs of a
+    shipped CNN). ``taps`` are module indices; the network runs up to the last tap."""
+
+    def __init__(self, net: nn.Sequential, taps: Sequence[int], style_layers: Sequence[int],
+                 content_layers: Sequence[int]) -> None:
+        super().__init__()
+        self.net = net[:max(taps) + 1]
+        self.taps = tuple(taps)
+        self.style_layers, self.content_layers = tuple(style_layers), tuple(content_layers)
+        self.freeze()
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        out, h = [], images
+        for i, m in enumerate(self.net):
+            h = m(h)
+            if i in self.taps:
+                out.append(h)
+        return out
+
+
+def mini_features(model: TaskModel) -> SequentialTaps:
+    """MiniSD's feature network: the shipped auditee CNN. Style: Gram matrices of its first
+    three ReLU layers (16x16, 16x16, 8x8); content: its fourth (64 x 8 x 8), which the digit
+    classification builds on and which color jitter in training made color-blind."""
+    judges = model.extra.get("judges")
+    if judges is None:
+        raise ValueError("the mini profile needs MiniSD's judges (data/mini/judges)")
+    net = copy.deepcopy(judges.auditee.net)
+    return SequentialTaps(net, taps=(1, 3, 6, 8), style_layers=(0, 1, 2), content_layers=(3,))
+
+
+class HFFeatures(FeatureNet):
+    """Hidden states of a ``transformers`` vision backbone (``ResNetModel``,
+    ``ConvNextModel``, ...) called with ``output_hidden_states=True``. Images in [-1, 1]
+    are mapped to [0, 1], resized to ``size`` and normalized with ``mean``/``std``
+    (ImageNet's by default). Default layers: style = every hidden state but the last,
+    content = the last."""
+
+    def __init__(self, model: nn.Module, size: int | None = 224,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 style_layers: Sequence[int] | None = None, content_layers: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        n = self._n_states()
+        self.style_layers = tuple(style_layers) if style_layers is not None else tuple(range(n - 1))
+        self.content_layers = tuple(content_layers) if content_layers is not None else (n - 1,)
+        for i in self.style_layers + self.content_layers:
+            if not -n <= i < n:
+                raise ValueError(f"layer {i} out of range: the model returns {n} hidden states")
+        self.freeze()
+
+    def _n_states(self) -> int:
+        cfg = self.model.config
+        with torch.no_grad():
+            x = torch.zeros(1, 3, self.size or 32, self.size or 32, device=self.mean.device)
+            try:
+                return len(self._states(x))
+            except Exception:  # noqa: BLE001 (fall back to the config)
+                return len(getattr(cfg, "hidden_sizes", getattr(cfg, "depths", ()))) + 1
+
+    def _states(self, x: Tensor) -> tuple[Tensor, ...]:
+        dtype = next(self.model.parameters()).dtype
+        states = self.model(pixel_values=x.to(dtype), output_hidden_states=True).hidden_states
+        return tuple(s.float() for s in states if s.ndim == 4)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = (images.float().clamp(-1, 1) + 1) / 2
+        if self.size is not None and x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.size)
+        return list(self._states((x - self.mean.to(x)) / self.std.to(x)))
+
+
+def hf_features(model_id: str = HF_FEATURE_MODEL, device: str | torch.device = "cpu", size: int = 224) -> HFFeatures:
+    """:class:`HFFeatures` on a pretrained ``transformers`` backbone (offline-safe: a clear
+    error instead of a hub lookup when ``HF_HUB_OFFLINE=1`` and it is not cached)."""
+    import os
+
+    from transformers import AutoModel
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        model = AutoModel.from_pretrained(model_id, local_files_only=offline or os.path.isdir(model_id))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"could not load the feature network {model_id!r}"
+                           + (" offline (HF_HUB_OFFLINE=1): download it once online or pass a local path"
+                              if offline else "") + f" ({type(exc).__name__})") from exc
+    return HFFeatures(model.to(device), size=size).to(device)
+
+
+def tiny_hf_features(seed: int = 0, size: int | None = 32) -> HFFeatures:
+    """A randomly initialized tiny ``ResNetModel`` (two stages) for CI of the ``sd`` path."""
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       layer_type="basic", hidden_act="relu")
+    return HFFeatures(ResNetModel(cfg).eval(), size=size)
+
+
+class StyleLoss(nn.Module):
+    """``loss(images, base) -> (total, style, content)``, each per image (B,): the Gram
+    loss against the reference (normalized per layer by ``|G_l(ref)|^2``, averaged over
+    layers) plus ``content_weight`` times the relative squared distance of the content
+    features to those of ``base`` (the pre-fine-tuning images; ``None``: no content term)."""
+
+    def __init__(self, features: FeatureNet, style_image: Tensor, content_weight: float = 1.0) -> None:
+        super().__init__()
+        self.features, self.content_weight = features, float(content_weight)
+        param = next(features.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            feats = features(style_image.to(device))
+        self.targets = [gram_matrix(feats[i]).detach() for i in features.style_layers]
+        self.norms = [float(g.pow(2).sum()) for g in self.targets]
+        if any(not math.isfinite(n) or n <= 0 for n in self.norms):
+            raise ValueError("the style image gives all-zero (or non-finite) features: pick a reference "
+                             "with some contrast")
+
+    def style(self, feats: list[Tensor]) -> Tensor:
+        terms = [(gram_matrix(feats[i]) - g).pow(2).sum(dim=(1, 2)) / n
+                 for i, g, n in zip(self.features.style_layers, self.targets, self.norms)]
+        return torch.stack(terms).mean(0)
+
+    def content(self, feats: list[Tensor], base_feats: list[Tensor]) -> Tensor:
+        terms = []
+        for i in self.features.content_layers:
+            d = (feats[i] - base_feats[i]).pow(2).flatten(1).sum(1)
+            terms.append(d / base_feats[i].pow(2).flatten(1).sum(1).clamp(min=1e-8))
+        return torch.stack(terms).mean(0)
+
+    def forward(self, images: Tensor, base: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        feats = self.features(images)
+        s = self.style(feats)
+        if base is None or self.content_weight == 0.0:
+            c = torch.zeros_like(s)
+        else:
+            with torch.no_grad():
+                base_feats = self.features(base)
+            c = self.content(feats, base_feats)
+        return s + self.content_weight * c, s, c
+
+
+# ============================================================== LoRA
+def add_lora(unet: nn.Module, adapter_name: str = "style", rank: int = 4, alpha: float | None = None,
+             target_modules: Sequence[str] = LORA_TARGETS, seed: int = 0) -> list[Tensor]:
+    """Add a peft LoRA adapter (``unet.add_adapter``) to the UNet's attention projections and
+    ResNet convolutions, make it the active one, and return its trainable tensors (float32:
+    with a half-precision UNet peft keeps the adapters in float32). ``B`` starts at zero,
+    so the adapted UNet starts as the base model. Replaces an adapter of the same name."""
+    from peft import LoraConfig
+
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
+    cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=True,
+                     target_modules=list(target_modules))
+    torch.manual_seed(seed)
+    unet.add_adapter(cfg, adapter_name=adapter_name)
+    return lora_parameters(unet, adapter_name)
+
+
+def lora_parameters(unet: nn.Module, adapter_name: str) -> list[Tensor]:
+    """The adapter's tensors, set to require grad (the base weights stay frozen)."""
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and n.endswith(f".{adapter_name}.weight")]
+    if not params:
+        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def activate(unet: nn.Module, adapter_name: str | None) -> None:
+    """Use only ``adapter_name`` (``None``: the base model, all adapters off)."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        if adapter_name is None:
+            return
+        raise ValueError(f"the UNet has no adapters (wanted {adapter_name!r})")
+    if adapter_name is None:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+        unet.set_adapter(adapter_name)
+
+
+@contextlib.contextmanager
+def base_model(unet: nn.Module) -> Iterator[None]:
+    """Inside: the UNet without its adapters (the pre-fine-tuning model)."""
+    loaded = getattr(unet, "_hf_peft_config_loaded", False)
+    if loaded:
+        unet.disable_adapters()
+    try:
+        yield
+    finally:
+        if loaded:
+            unet.enable_adapters()
+
+
+def save_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style") -> Path:
+    """Save the adapter in diffusers' LoRA format: ``<directory>/pytorch_lora_weights.safetensors``
+    with ``unet.``-prefixed keys (what ``StableDiffusionPipeline.load_lora_weights`` reads),
+    plus the peft config as metadata."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    converted = convert_state_dict_to_diffusers(state)
+    # diffusers' converter renames only attention projections (to_q.lora.down, ...); its
+    # loader decides from the *first* key whether to convert back, so a mixed dict (conv
+    # targets keep peft's lora_A/lora_B) would load half the adapter. Keep one naming.
+    if all(".lora_A." not in k and ".lora_B." not in k for k in converted):
+        state = converted
+    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    meta = unet.peft_config[adapter_name].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=state,
+                                              weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=meta)
+    return Path(directory) / LORA_WEIGHT_NAME
+
+
+def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style_loaded") -> None:
+    """Load an adapter saved by :func:`save_lora` (or any diffusers-format SD LoRA) into
+    ``unet`` (``unet.load_lora_adapter``) and make it the active one. On a full pipeline
+    ``pipe.load_lora_weights(directory)`` does the same."""
+    path = Path(directory)
+    if not (path / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {str(path)!r}: save one with save_lora()")
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # other adapters' keys are reported "missing": expected
+    try:
+        unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHT_NAME, prefix="unet",
+                               adapter_name=adapter_name, local_files_only=True)
+    finally:
+        dlogging.set_verbosity(level)
+    activate(unet, adapter_name)
+
+
+# ============================================================== prompts and noises
+@dataclass
+class PromptSet:
+    """Prompts with their noise seeds (and, on mini, the prompted digits)."""
+    prompts: list[str]
+    seeds: list[int]
+    digits: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, idx: Sequence[int]) -> "PromptSet":
+        return PromptSet([self.prompts[i] for i in idx], [self.seeds[i] for i in idx],
+                         None if self.digits is None else [self.digits[i] for i in idx])
+
+
+def prompt_set(model: TaskModel, n: int, seed: int, split: str = "train") -> PromptSet:
+    """``n`` random prompt/seed pairs. Training pairs use noise seeds >= 100000, held-out
+    pairs (``split="held_out"``) seeds below it and other prompts (on sd: another list)."""
+    g = torch.Generator().manual_seed(seed + (0 if split == "train" else 7919))
+    base = 100_000 if split == "train" else 0
+    seeds = (base + torch.randperm(100_000, generator=g)[:n]).tolist()
+    if model.profile == "mini":
+        from ..models import mini
+
+        labels = mini.random_labels(n, g)
+        return PromptSet(labels.captions(), seeds, labels.digit.tolist())
+    pool = SD_PROMPTS if split == "train" else SD_HELD_OUT_PROMPTS
+    return PromptSet([pool[int(i)] for i in torch.randint(len(pool), (n,), generator=g)], seeds)
+
+
+# ============================================================== the task
+@dataclass
+class StylizeConfig:
+    """Settings of the fine-tuning loop (defaults: the ``mini`` profile)."""
+    iterations: int = 20
+    batch_size: int = 4
+    lr: float = 1e-2
+    rank: int = 4
+    content_weight: float = 1.0
+    steps: int = 8
+    order: int = 2
+    guidance_scale: float | None = None      # None: the model's default
+    grad: str = "adjoint"
+    train_pairs: int = 64
+    seed: int = 0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclass
+class StylizeResult:
+    """What :func:`stylize` returns: the adapter's name and tensors, the loss history (one
+    dict per iteration), the flattened LoRA gradient of the first iteration, wall time."""
+    adapter_name: str
+    params: list[Tensor]
+    history: list[dict]
+    first_grad: Tensor
+    seconds: float
+    config: StylizeConfig = field(default_factory=StylizeConfig)
+
+
+@torch.no_grad()
+def generate_images(model: TaskModel, pairs: PromptSet, *, steps: int, order: int = 2,
+                    guidance_scale: float | None = None, batch_size: int = 32) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of ``pairs`` with the UNet's active adapter."""
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        part = pairs.take(range(i, min(len(pairs), i + batch_size)))
+        cond = model.encode(part.prompts)
+        out.append(model.generate(model.noise(part.seeds), cond, steps=steps, order=order,
+                                  guidance_scale=guidance_scale).float())
+    return torch.cat(out)
+
+
+def stylize(model: TaskModel, loss_fn: StyleLoss, config: StylizeConfig | None = None,
+            train: PromptSet | None = None, base_images: Tensor | None = None,
+            adapter_name: str | None = None, progress: bool = True) -> StylizeResult:
+    """Fine-tune a fresh LoRA adapter so that generated images minimize ``loss_fn``.
+
+    Each iteration draws ``batch_size`` prompt/noise pairs from ``train`` (random, seeded),
+    generates them through :func:`adjoint_lib.sample` with ``grad=config.grad`` and
+    ``params=`` the LoRA tensors, and takes one Adam step on the mean loss. ``base_images``
+    (the pre-fine-tuning images of ``train``, for the content term) are generated when not
+    given; pass them to share them between runs.
+    """
+    cfg = config or StylizeConfig()
+    train = train if train is not None else prompt_set(model, cfg.train_pairs, cfg.seed, "train")
+    if base_images is None:
+        with base_model(model.unet):
+            base_images = generate_images(model, train, steps=cfg.steps, order=cfg.order,
+                                          guidance_scale=cfg.guidance_scale)
+    name = adapter_name or f"style_{cfg.grad}"
+    params = add_lora(model.unet, name, rank=cfg.rank, target_modules=cfg.target_modules, seed=cfg.seed)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    history, first_grad = [], None
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.iterations), desc=f"LoRA ({cfg.grad})", disable=not progress)
+    for it in bar:
+        idx = torch.randperm(len(train), generator=g)[:cfg.batch_size].tolist()
+        batch = train.take(idx)
+        with torch.no_grad():
+            cond = model.encode(batch.prompts)
+        images = model.generate(model.noise(batch.seeds), cond, steps=cfg.steps, order=cfg.order,
+                                grad=cfg.grad, params=params, guidance_scale=cfg.guidance_scale)
+        total, style, content = loss_fn(images.float(), base_images[idx].to(images.device))
+        opt.zero_grad(set_to_none=True)
+        total.mean().backward()
+        if first_grad is None:
+            first_grad = torch.cat([p.grad.detach().flatten().float().cpu() for p in params])
+        opt.step()
+        history.append({"iteration": it, "loss": float(total.detach().mean()),
+                        "style": float(style.detach().mean()), "content": float(content.detach().mean()),
+                        "seconds": time.perf_counter() - t0})
+        bar.set_postfix(style=f"{history[-1]['style']:.3f}", content=f"{history[-1]['content']:.3f}")
+    for p in params:
+        p.requires_grad_(False)
+    return StylizeResult(name, params, history, first_grad, time.perf_counter() - t0, cfg)
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, loss_fn: StyleLoss, images: Tensor, base: Tensor | None,
+             pairs: PromptSet) -> dict[str, float]:
+    """Mean style loss, content loss against ``base`` and (mini) the independent digit
+    judge's accuracy on the prompted digits, for images of ``pairs``."""
+    _, style, content = loss_fn(images, base)
+    out = {"style_loss": float(style.mean()), "content_loss": float(content.mean())}
+    judges = model.extra.get("judges")
+    if judges is not None and pairs.digits is not None:
+        pred = judges.digit(images.cpu()).argmax(1)
+        out["judge_acc"] = float((pred == torch.tensor(pairs.digits)).float().mean())
+    return out
+
+
+def gradient_cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine similarity of two flattened gradients."""
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def default_config(profile: str) -> StylizeConfig:
+    """Tuned settings: ``mini`` (CPU minutes) or ``sd`` (GPU)."""
+    if profile == "mini":
+        return StylizeConfig()
+    return StylizeConfig(iterations=100, batch_size=1, lr=1e-3, rank=4, content_weight=1.0,
+                         steps=20, order=2, train_pairs=64)
+
+
+def run(profile: str | None = None, model_id: str = SD_MODEL_ID, style: str | Path | Tensor | None = None,
+        config: StylizeConfig | None = None, n_held_out: int = 48, out_dir: str | Path | None = None,
+        model: TaskModel | None = None, features: FeatureNet | None = None,
+        progress: bool = False) -> dict:
+    """The whole task: fine-tune, evaluate on held-out pairs before/after, save the LoRA in
+    diffusers' format, load it back and check it reproduces the images. Returns metrics
+    (and, under ``"_artifacts"``, tensors for plots)."""
+    from ..paths import outputs_dir
+
+    from ..paths import profile as resolve_profile
+
+    prof = model.profile if model is not None else resolve_profile(profile)
+    ref = as_style_image(style, prof, 16 if prof == "mini" else None)  # bad input fails fast
+    model = model or load_task_model(prof, model_id)
+    cfg = config or default_config(prof)
+    if features is None:
+        features = mini_features(model) if prof == "mini" else (
+            tiny_hf_features() if model.extra.get("tiny") else hf_features(device=model.device))
+    loss_fn = StyleLoss(features, ref.to(model.device), cfg.content_weight)
+    held = prompt_set(model, n_held_out, cfg.seed, "held_out")
+    with base_model(model.unet):
+        before = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+    result = stylize(model, loss_fn, cfg, progress=progress)
+    after = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+    m_before, m_after = evaluate(model, loss_fn, before, None, held), evaluate(model, loss_fn, after, before, held)
+    out = Path(out_dir) if out_dir is not None else outputs_dir("stylize", prof)
+    save_lora(model.unet, out, result.adapter_name)
+    load_lora(model.unet, out, "style_loaded")  # a second copy, read back from the file
+    reloaded = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+    metrics = {
+        "profile": prof, "grad": cfg.grad, "n_held_out": len(held),
+        "style_loss_before": round(m_before["style_loss"], 4), "style_loss_after": round(m_after["style_loss"], 4),
+        "style_loss_drop": round(1 - m_after["style_loss"] / m_before["style_loss"], 4),
+        "content_loss_after": round(m_after["content_loss"], 4),
+        **({"judge_acc_before": round(m_before["judge_acc"], 4), "judge_acc_after": round(m_after["judge_acc"], 4)}
+           if "judge_acc" in m_after else {}),
+        "lora_params": int(sum(p.numel() for p in result.params)),
+        "lora_roundtrip_max_abs_diff": float((reloaded - after).abs().max()),
+        "iterations": cfg.iterations, "batch_size": cfg.batch_size, "steps": cfg.steps, "order": cfg.order,
+        "lr": cfg.lr, "rank": cfg.rank, "content_weight": cfg.content_weight,
+        "train_seconds": round(result.seconds, 1), "lora_file": str(out / LORA_WEIGHT_NAME),
+    }
+    if prof == "mini":
+        metrics["targets_met"] = bool(metrics["style_loss_drop"] >= 0.5 and metrics["judge_acc_after"] >= 0.85
+                                      and len(held) >= 32)
+    metrics["_artifacts"] = {"before": before, "after": after, "reference": ref, "held_out": held,
+                             "history": result.history, "result": result}
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: run the task and print its metrics as one JSON line."""
+    p = argparse.ArgumentParser(description="Paper task 2: stylization by LoRA fine-tuning through the adjoint.")
+    p.add_argument("--profile", choices=("mini", "sd"), default=None)
+    p.add_argument("--model-id", default=SD_MODEL_ID, help="Stable Diffusion id or path (sd; 'tiny' for CI)")
+    p.add_argument("--style", default=None, help="style reference image (default: data/styles/stripes_*.png)")
+    p.add_argument("--grad", choices=("adjoint", "checkpoint", "backprop"), default="adjoint")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--held-out", type=int, default=48)
+    p.add_argument("--out", default=None, help="where to save the LoRA (default: outputs/stylize/<profile>)")
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    from ..paths import profile as resolve_profile
+
+    prof = resolve_profile(a.profile)
+    cfg = default_config(prof)
+    cfg.grad = a.grad
+    if a.iterations is not None:
+        cfg.iterations = a.iterations
+    metrics = run(prof, a.model_id, a.style, cfg, a.held_out, a.out, progress=a.progress)
+    metrics.pop("_artifacts")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

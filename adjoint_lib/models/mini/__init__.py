@@ -11,7 +11,8 @@ on CPU from scikit-learn's digits (:mod:`.data`, :mod:`.train`) and shipped in
 
 Sampling goes through :func:`adjoint_lib.sample` with :class:`adjoint_lib.models.UNetEps`
 (classifier-free guidance with the empty prompt), so every gradient mode of the library
-works on MiniSD exactly as on Stable Diffusion.
+works on MiniSD exactly as on Stable Diffusion. The UNet is a v-prediction model (see
+:mod:`.train`); :func:`eps_fn` builds the matching ``UNetEps``, which turns v into eps.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ MAX_LENGTH = 16          # tokens per prompt, BOS and EOS included (= max_positi
 GUIDANCE_SCALE = 3.0     # classifier-free guidance weight used by generate() and evaluate
 IMAGE_SHAPE = (3, 16, 16)
 
-__all__ = ["MiniSD", "load", "generate", "encode_prompts", "initial_noise", "check_prompt",
+__all__ = ["MiniSD", "load", "generate", "eps_fn", "encode_prompts", "initial_noise", "check_prompt",
            "caption", "random_labels", "Labels", "Judges", "DIGITS", "COLORS", "BACKGROUNDS",
            "STYLES", "VOCABULARY", "PAIRS", "DATA_DIR", "MAX_LENGTH", "GUIDANCE_SCALE",
            "IMAGE_SHAPE"]
@@ -120,15 +121,24 @@ def load(path: str | Path | None = None, judges: bool = True) -> MiniSD:
     if len(tokenizer) <= 2 or any(len(tokenizer(w).input_ids) != 3 for w in VOCABULARY):
         raise RuntimeError(f"the tokenizer in {root / 'tokenizer'} loaded empty or broken "
                            f"({len(tokenizer)} tokens): its files are missing or unreadable")
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
+                                                 dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True,
+                                                torch_dtype=torch.float32)
     unet.set_attn_processor(AttnProcessor())
     for m in (text_encoder, unet):
-        m.to(torch.float32).eval().requires_grad_(False)
+        m.eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
     return MiniSD(tokenizer, text_encoder, unet, scheduler, VPSchedule.from_diffusers(scheduler),
                   load_judges(root / "judges") if judges else None,
                   load_seconds=time.perf_counter() - t0)
+
+
+def eps_fn(model: MiniSD, guidance_scale: float = GUIDANCE_SCALE) -> UNetEps:
+    """The model's ``eps_fn(x, t, cond)`` for :func:`adjoint_lib.sample`: guidance with
+    ``cond=(prompt_embeddings, null_embedding)``, and the UNet's v turned into eps."""
+    return UNetEps(model.unet, schedule=model.schedule, guidance_scale=guidance_scale,
+                   prediction_type=model.scheduler.config.prediction_type)
 
 
 def _prompt_words_ok(model: MiniSD, prompts: Sequence[str]) -> None:
@@ -156,7 +166,5 @@ def generate(model: MiniSD, prompts: Sequence[str], seeds: Sequence[int], *, ste
         cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
         uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])
     noise = initial_noise(seeds) if x_T is None else x_T
-    eps_fn = UNetEps(model.unet, schedule=model.schedule, guidance_scale=guidance_scale,
-                     prediction_type=model.scheduler.config.prediction_type)
-    return sample(eps_fn, noise, (cond, uncond), schedule=model.schedule, steps=steps,
-                  order=order, grad=grad, params=params)
+    return sample(eps_fn(model, guidance_scale), noise, (cond, uncond), schedule=model.schedule,
+                  steps=steps, order=order, grad=grad, params=params)

@@ -16,7 +16,8 @@ Load them::
 
 The two optimization loops preview the paper's tasks in 2-D: :func:`optimize_noise` moves
 initial noises so the samples land where a loss wants them (task 3, adversarial noise),
-:func:`finetune` changes the weights so the whole distribution moves (task 2, stylization).
+:func:`finetune` changes the weights so the whole distribution moves (task 2, stylization;
+:func:`shift_loss` is a "style + content" loss for it).
 Both get their gradients from :func:`adjoint_lib.sample`.
 """
 from __future__ import annotations
@@ -213,16 +214,25 @@ def region_loss(center: Sequence[float], radius: float) -> Callable[[Tensor], Te
     return loss
 
 
-def moment_loss(mean: Sequence[float], cov: Tensor) -> Callable[[Tensor], Tensor]:
-    """``L(x0) = |mean(x0) - mean*|^2 + |cov(x0) - cov*|_F^2``: the batch's first and second
-    moments against a target (the 2-D analogue of a Gram-matrix style loss)."""
-    m = torch.as_tensor(mean, dtype=torch.float64)
-    c = torch.as_tensor(cov, dtype=torch.float64)
+def shift_loss(base_model, schedule: VPSchedule, shift: Sequence[float], cond: Tensor | None = None,
+               steps: int = 10, order: int = 2, content_weight: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """A "style + content" loss for :func:`finetune` (the 2-D analogue of the paper's stylization):
 
-    def loss(x0: Tensor) -> Tensor:
-        mu = x0.mean(dim=0)
-        d = x0 - mu
-        return (mu - m.to(x0)).square().sum() + (d.T @ d / (x0.shape[0] - 1) - c.to(x0)).square().sum()
+        L(x0, x_T) = |mean(x0) - shift|^2 + w * mean_i |(x0_i - mean x0) - (b_i - mean b)|^2
+
+    where ``b = sample(base_model, x_T)`` is what the frozen ``base_model`` generates from the same
+    noise. The first term moves the distribution's mean to ``shift`` (the "style"), the second keeps
+    every sample where it was relative to the others (the "content"): the optimum is the base
+    distribution translated by ``shift - mean(b)``.
+    """
+    target = torch.as_tensor(shift, dtype=torch.float64)
+
+    def loss(x0: Tensor, x_T: Tensor) -> Tensor:
+        with torch.no_grad():
+            b = sample(base_model, x_T, cond, schedule=schedule, steps=steps, order=order)
+        m = x0.mean(dim=0)
+        content = ((x0 - m) - (b - b.mean(dim=0))).square().sum(dim=1).mean()
+        return (m - target.to(x0)).square().sum() + content_weight * content
     return loss
 
 
@@ -251,13 +261,14 @@ def optimize_noise(model, schedule: VPSchedule, x_T: Tensor, cond: Tensor | None
     return x.detach(), losses
 
 
-def finetune(model: torch.nn.Module, schedule: VPSchedule, loss_fn: Callable[[Tensor], Tensor],
+def finetune(model: torch.nn.Module, schedule: VPSchedule, loss_fn: Callable[[Tensor, Tensor], Tensor],
              iters: int = 60, batch: int = 256, lr: float = 1e-3, steps: int = 10, order: int = 2,
              grad: str = "adjoint", cond: Tensor | None = None, params: Sequence[Tensor] | None = None,
              seed: int = 0, progress: bool = True) -> list[float]:
-    """Fine-tune ``params`` (default: all of ``model``'s) by Adam on ``loss_fn(sample(x_T))``
-    with fresh noise ``x_T`` every iteration; the gradient w.r.t. the weights comes from
-    :func:`adjoint_lib.sample` with ``grad``. Returns the loss of every iteration."""
+    """Fine-tune ``params`` (default: all of ``model``'s) by Adam on ``loss_fn(x0, x_T)`` with
+    ``x0 = sample(model, x_T)`` and fresh noise ``x_T`` every iteration (e.g. :func:`shift_loss`);
+    the gradient w.r.t. the weights comes from :func:`adjoint_lib.sample` with ``grad``.
+    Returns the loss of every iteration."""
     params = [p for p in (model.parameters() if params is None else params)]
     for p in params:
         p.requires_grad_(True)
@@ -268,7 +279,7 @@ def finetune(model: torch.nn.Module, schedule: VPSchedule, loss_fn: Callable[[Te
     for _ in tqdm(range(iters), desc="fine-tune", disable=not progress):
         x_T = torch.randn(batch, 2, dtype=dtype, generator=gen)
         x0 = sample(model, x_T, cond, schedule=schedule, steps=steps, order=order, grad=grad, params=params)
-        loss = loss_fn(x0)
+        loss = loss_fn(x0, x_T)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

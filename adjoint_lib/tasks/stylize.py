@@ -35,9 +35,10 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -324,8 +325,8 @@ class StyleLoss(nn.Module):
 def add_lora(unet: nn.Module, adapter_name: str = "style", rank: int = 4, alpha: float | None = None,
              target_modules: Sequence[str] = LORA_TARGETS, seed: int = 0) -> list[Tensor]:
     """Add a peft LoRA adapter (``unet.add_adapter``) to the UNet's attention projections and
-    ResNet convolutions, make it the active one, and return its trainable tensors (float32:
-    with a half-precision UNet peft keeps the adapters in float32). ``B`` starts at zero,
+    ResNet convolutions, make it the active one, and return its trainable tensors (float32,
+    also on a half-precision UNet). ``B`` starts at zero,
     so the adapted UNet starts as the base model. Replaces an adapter of the same name."""
     from peft import LoraConfig
 
@@ -334,7 +335,9 @@ def add_lora(unet: nn.Module, adapter_name: str = "style", rank: int = 4, alpha:
     cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=True,
                      target_modules=list(target_modules))
     torch.manual_seed(seed)
-    unet.add_adapter(cfg, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # "multiple adapters in the model": intended
+        warnings.filterwarnings("ignore", message=".*peft_config.*")
+        unet.add_adapter(cfg, adapter_name=adapter_name)
     return lora_parameters(unet, adapter_name)
 
 
@@ -344,6 +347,8 @@ def lora_parameters(unet: nn.Module, adapter_name: str) -> list[Tensor]:
     if not params:
         raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
     for p in params:
+        if p.dtype != torch.float32:  # half-precision UNet: adapters (and their gradients) in float32;
+            p.data = p.data.float()   # peft casts the layer input to the adapter's dtype and back
         p.requires_grad_(True)
     return params
 
@@ -378,7 +383,7 @@ def save_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style
     """Save the adapter in diffusers' LoRA format: ``<directory>/pytorch_lora_weights.safetensors``
     with ``unet.``-prefixed keys (what ``StableDiffusionPipeline.load_lora_weights`` reads),
     plus the peft config as metadata."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # StableDiffusionPipeline's saver
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -392,8 +397,8 @@ def save_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style
     state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     meta = unet.peft_config[adapter_name].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=state,
-                                              weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=meta)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(str(directory), unet_lora_layers=state,
+                                                     weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=meta)
     return Path(directory) / LORA_WEIGHT_NAME
 
 
@@ -415,6 +420,8 @@ def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style
                                adapter_name=adapter_name, local_files_only=True)
     finally:
         dlogging.set_verbosity(level)
+    for p in lora_parameters(unet, adapter_name):  # float32 like add_lora's (half-precision UNets)
+        p.requires_grad_(False)
     activate(unet, adapter_name)
 
 
@@ -481,8 +488,10 @@ class StylizeResult:
 
 @torch.no_grad()
 def generate_images(model: TaskModel, pairs: PromptSet, *, steps: int, order: int = 2,
-                    guidance_scale: float | None = None, batch_size: int = 32) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] of ``pairs`` with the UNet's active adapter."""
+                    guidance_scale: float | None = None, batch_size: int | None = None) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] of ``pairs`` with the UNet's active adapter, generated
+    ``batch_size`` at a time (default: 32 on mini, 4 on sd)."""
+    batch_size = batch_size or (32 if model.profile == "mini" else 4)
     out = []
     for i in range(0, len(pairs), batch_size):
         part = pairs.take(range(i, min(len(pairs), i + batch_size)))

@@ -1,0 +1,423 @@
+"""Paper task 3: security auditing with adversarial initial noise.
+
+For prompts and seeds whose generated image an *auditee* classifier reads correctly, move
+the initial noise ``x_T`` inside an L-infinity ball of radius ``delta`` around the original
+``z`` until the auditee is wrong. Normalized gradient ascent on the auditee's cross-entropy,
+as in the paper's official code (lr 0.01, 30 iterations, clamp 0.1)::
+
+    g      = d CE(auditee(Decode(ODESolve(x_T, c))), label) / d x_T          (by adjoint_lib.sample)
+    x_T   <- z + clip(x_T + lr * sqrt(d) * g / ||g||_2 - z, -delta, delta)   (per sample)
+
+(``sqrt(d)`` makes ``lr`` the RMS step per element, so one setting means the same for a
+16x16 MiniSD image and a 4x64x64 SD latent; the official code's step is ``lr`` in L2 norm.)
+A sample stops moving as soon as the auditee is fooled; all pairs are optimized together as
+one batch. An independent judge (MiniSD: :class:`~adjoint_lib.models.mini.judges.DigitJudgeMLP`)
+checks that the adversarial images still show what the prompt asked for, and a random sign
+perturbation of the same size is the baseline.
+
+Auditees: MiniSD's :class:`~adjoint_lib.models.mini.judges.AuditeeCNN`; on ``sd`` a
+``transformers`` ImageNet classifier (``microsoft/resnet-50``; no torchvision), with a
+tiny random ``ResNetConfig`` model for CI. ``python -m adjoint_lib.tasks.adversarial
+--profile mini`` prints the metrics as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adjoint import SampleStats
+from .common import SD_MODEL_ID, TaskModel, load_mini, load_sd
+
+Tensor = torch.Tensor
+Classifier = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [-1, 1] -> logits (B, K)
+
+IMAGENET_CLASSIFIER = "microsoft/resnet-50"
+IMAGENET_JUDGE = "google/vit-base-patch16-224"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet classes the sd profile prompts for ("a photo of a <name>")
+SD_CLASSES = (1, 207, 281, 291, 340, 386, 417, 430, 508, 817, 949, 954)
+
+
+@dataclass
+class AttackConfig:
+    """Settings of one audit (defaults: MiniSD; :func:`default_config` gives each profile's)."""
+
+    delta: float = 0.1          # L-inf radius around the original noise (official: clamp 0.1)
+    lr: float = 0.01            # RMS step per element of the normalized gradient (official: 0.01)
+    iterations: int = 30        # official: 30
+    steps: int = 10             # sampler steps (DPM-Solver multistep, log-SNR grid)
+    order: int = 2
+    guidance_scale: float | None = None
+    n_pairs: int = 56           # attacked (prompt, seed) pairs
+    max_candidates: int = 256   # prompts/seeds generated to find n_pairs correctly classified ones
+    batch_size: int = 64        # generation batch while selecting
+    seed: int = 0
+
+
+def default_config(profile: str, **overrides) -> AttackConfig:
+    """``mini``: tuned for MiniSD (see the notebook). ``sd``: the official settings at 50 steps."""
+    base = dict(steps=50, order=1, guidance_scale=7.5, n_pairs=8, max_candidates=24,
+                batch_size=4) if profile == "sd" else {}
+    return dataclasses.replace(AttackConfig(**base), **overrides)
+
+
+# ---------------------------------------------------------------------- classifiers
+class ImageNetClassifier(nn.Module):
+    """A ``transformers`` image classifier on images in [-1, 1] of any size: rescale to
+    [0, 1], resize to ``size`` (bilinear, antialiased), ImageNet normalisation, logits."""
+
+    def __init__(self, model: nn.Module, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.model, self.size = model.eval().requires_grad_(False), int(size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.id2label = dict(getattr(model.config, "id2label", {}) or {})
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = (images.float().clamp(-1, 1) + 1) / 2
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=x.to(dtype)).logits.float()
+
+
+def load_imagenet_classifier(model_id: str = IMAGENET_CLASSIFIER, device: str | torch.device = "cpu") -> ImageNetClassifier:
+    """A hub/local ``AutoModelForImageClassification`` wrapped as :class:`ImageNetClassifier`;
+    a clear ``RuntimeError`` (never a hang) when it is not available offline."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_id, local_files_only=offline or os.path.isdir(str(model_id)))
+        cfg = AutoConfig.from_pretrained(model_id, local_files_only=offline or os.path.isdir(str(model_id)))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"could not load the image classifier {model_id!r}"
+            + (" offline (HF_HUB_OFFLINE=1): it is not in the local Hugging Face cache. Download it once "
+               "online, pass a local path, or use profile='mini'" if offline else "")
+            + f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    size = getattr(cfg, "image_size", 224)
+    return ImageNetClassifier(model, size=size if isinstance(size, int) else 224).to(device)
+
+
+def tiny_classifier(num_labels: int = 10, seed: int = 0, size: int = 32) -> ImageNetClassifier:
+    """A randomly initialized tiny ``ResNetForImageClassification`` (CI stand-in for ResNet-50)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                       layer_type="basic", num_labels=num_labels)
+    return ImageNetClassifier(ResNetForImageClassification(cfg), size=size)
+
+
+@dataclass
+class Auditors:
+    """The classifier under audit and the independent judge of the content."""
+    auditee: Classifier
+    judge: Classifier
+    names: tuple[str, str] = ("auditee", "judge")
+
+
+def mini_auditors(model: TaskModel) -> Auditors:
+    judges = model.extra["judges"]
+    return Auditors(judges.auditee, judges.digit, ("AuditeeCNN", "DigitJudgeMLP"))
+
+
+# ---------------------------------------------------------------------- pairs
+@dataclass
+class AuditPairs:
+    """Prompts, seeds and the label each prompt asks for (``labels``: class indices of the
+    auditee); ``n_candidates``: how many were generated to find them."""
+    prompts: list[str]
+    seeds: list[int]
+    labels: Tensor
+    images: Tensor
+    n_candidates: int
+    clean_acc: float
+
+
+def candidate_prompts(model: TaskModel, n: int, seed: int) -> tuple[list[str], Tensor]:
+    """Random prompts and their labels: MiniSD captions (label = digit) or, on sd,
+    ``"a photo of a <ImageNet class>"`` over :data:`SD_CLASSES`."""
+    g = torch.Generator().manual_seed(seed)
+    if model.profile == "mini":
+        from ..models.mini.data import random_labels
+
+        labels = random_labels(n, g)
+        return labels.captions(), labels.digit
+    names = model.extra.get("imagenet_names", {})
+    idx = torch.randint(len(SD_CLASSES), (n,), generator=g)
+    cls = torch.tensor([SD_CLASSES[i] for i in idx.tolist()])
+    return [f"a photo of a {names.get(int(c), f'class {int(c)}')}" for c in cls.tolist()], cls
+
+
+@torch.no_grad()
+def generate_images(model: TaskModel, prompts: Sequence[str], x_T: Tensor, cfg: AttackConfig,
+                    batch_size: int | None = None) -> Tensor:
+    """Images in [-1, 1] from prompts and noises, in batches, no gradients."""
+    bs = batch_size or cfg.batch_size
+    out = []
+    for i in range(0, len(prompts), bs):
+        cond = model.encode(prompts[i:i + bs])
+        out.append(model.generate(x_T[i:i + bs], cond, steps=cfg.steps, order=cfg.order,
+                                  guidance_scale=cfg.guidance_scale).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def select_pairs(model: TaskModel, auditors: Auditors, cfg: AttackConfig, *,
+                 require_judge: bool = True, labels_from_auditee: bool = False,
+                 progress: bool = True) -> AuditPairs:
+    """Generate candidates until ``cfg.n_pairs`` images are read correctly by the auditee
+    (and, with ``require_judge``, by the judge too, so the judge's verdict afterwards
+    measures whether the content survived). Seeds ``seed*100000 + i``.
+    ``labels_from_auditee``: take the auditee's own reading of each clean image as its
+    label (for random CI classifiers, whose classes mean nothing)."""
+    prompts, labels = candidate_prompts(model, cfg.max_candidates, cfg.seed)
+    model.check_prompts(prompts)
+    keep_p, keep_s, keep_l, keep_i = [], [], [], []
+    n_done, n_ok_auditee = 0, 0
+    bar = tqdm(total=cfg.n_pairs, desc="selecting pairs", disable=not progress)
+    for start in range(0, cfg.max_candidates, cfg.batch_size):
+        if len(keep_p) >= cfg.n_pairs:
+            break
+        sl = slice(start, min(start + cfg.batch_size, cfg.max_candidates))
+        seeds = [cfg.seed * 100_000 + i for i in range(sl.start, sl.stop)]
+        images = generate_images(model, prompts[sl], model.noise(seeds), cfg)
+        lab = labels[sl].to(images.device)
+        if labels_from_auditee:
+            lab = auditors.auditee(images).argmax(1)
+        ok = auditors.auditee(images).argmax(1) == lab
+        n_ok_auditee += int(ok.sum())
+        n_done += len(seeds)
+        if require_judge:
+            ok &= auditors.judge(images).argmax(1) == lab
+        for j in ok.nonzero().flatten().tolist():
+            if len(keep_p) < cfg.n_pairs:
+                keep_p.append(prompts[sl][j]), keep_s.append(seeds[j]), keep_l.append(int(lab[j]))
+                keep_i.append(images[j])
+                bar.update(1)
+    bar.close()
+    if not keep_p:
+        raise RuntimeError(f"none of {n_done} generated images was classified correctly by the auditee: "
+                           "nothing to attack (check the model, the classifier and the prompts)")
+    return AuditPairs(keep_p, keep_s, torch.tensor(keep_l), torch.stack(keep_i), n_done, n_ok_auditee / n_done)
+
+
+# ---------------------------------------------------------------------- the attack
+@dataclass
+class AttackResult:
+    """Adversarial noises ``x_adv`` (B, ...) for the original ``x_T``, which pairs fooled the
+    auditee (``success``), at which iteration (``iterations``, -1 = never), the mean
+    cross-entropy of the still-active pairs per iteration, the first iteration's gradient
+    ``grad0`` (for comparing gradient modes), wall time and eps evaluations."""
+    x_T: Tensor
+    x_adv: Tensor
+    success: Tensor
+    iterations: Tensor
+    losses: list[float]
+    grad0: Tensor
+    seconds: float
+    nfe: int
+    grad: str
+    extra: dict = field(default_factory=dict)
+
+
+def normalized(g: Tensor) -> Tensor:
+    """``sqrt(d) g / ||g||_2`` per sample: unit RMS per element."""
+    flat = g.flatten(1)
+    scale = math.sqrt(flat.shape[1]) / flat.norm(dim=1).clamp_min(1e-20)
+    return g * scale.view(-1, *([1] * (g.ndim - 1)))
+
+
+def noise_gradient(model: TaskModel, x: Tensor, cond: Tensor, labels: Tensor, auditee: Classifier,
+                   cfg: AttackConfig, grad: str = "adjoint",
+                   stats: SampleStats | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dCE/dx, CE per sample, logits)`` of the auditee on the image generated from ``x``."""
+    x = x.detach().requires_grad_(True)
+    images = model.generate(x, cond, steps=cfg.steps, order=cfg.order, grad=grad,
+                            guidance_scale=cfg.guidance_scale, stats=stats)
+    logits = auditee(images.float())
+    ce = F.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    (g,) = torch.autograd.grad(ce.sum(), x)
+    return g, ce.detach(), logits.detach()
+
+
+def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor, auditee: Classifier,
+           cfg: AttackConfig, *, grad: str = "adjoint", progress: bool = True) -> AttackResult:
+    """Normalized gradient ascent on the auditee's cross-entropy inside the L-inf ball of
+    radius ``cfg.delta`` around ``x_T``; a pair stops once the auditee is wrong."""
+    if grad not in ("adjoint", "checkpoint", "backprop"):
+        raise ValueError(f"grad must be 'adjoint', 'checkpoint' or 'backprop', got {grad!r}")
+    if cfg.delta <= 0 or cfg.lr <= 0 or cfg.iterations < 1:
+        raise ValueError(f"need delta > 0, lr > 0 and iterations >= 1, got {cfg.delta}, {cfg.lr}, {cfg.iterations}")
+    if len(prompts) != x_T.shape[0] or len(labels) != x_T.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts, {len(labels)} labels and {x_T.shape[0]} noises: they must match")
+    with torch.no_grad():
+        cond_all = model.encode(prompts)
+    labels = labels.to(x_T.device)
+    z = x_T.detach()
+    x = z.clone()
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=z.device)
+    at = torch.full((len(prompts),), -1, dtype=torch.long)
+    losses, grad0, nfe = [], None, 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.iterations + 1), desc=f"attack ({grad})", disable=not progress)
+    for it in bar:
+        active = (~done).nonzero().flatten()
+        if active.numel() == 0:
+            break
+        stats = SampleStats()
+        if it < cfg.iterations:
+            g, ce, logits = noise_gradient(model, x[active], cond_all[active], labels[active], auditee, cfg, grad, stats)
+        else:  # after the last step: only check
+            with torch.no_grad():
+                images = model.generate(x[active], cond_all[active], steps=cfg.steps, order=cfg.order,
+                                        guidance_scale=cfg.guidance_scale, stats=stats)
+                logits = auditee(images.float())
+            ce = F.cross_entropy(logits, labels[active], reduction="none")
+        nfe += stats.nfe
+        if grad0 is None:
+            grad0 = g.detach().clone()
+        fooled = logits.argmax(1) != labels[active]
+        done[active[fooled]] = True
+        at[active[fooled].cpu()] = it
+        losses.append(float(ce.mean()))
+        bar.set_postfix(fooled=f"{int(done.sum())}/{len(prompts)}", ce=f"{losses[-1]:.3f}")
+        if it == cfg.iterations:
+            break
+        move = ~fooled
+        if move.any():
+            idx = active[move]
+            step = x[idx] + cfg.lr * normalized(g[move])
+            x[idx] = z[idx] + (step - z[idx]).clamp(-cfg.delta, cfg.delta)
+    return AttackResult(z, x, done.cpu(), at, losses, grad0, time.perf_counter() - t0, nfe, grad)
+
+
+def random_perturbation(x_T: Tensor, delta: float, seed: int = 0) -> Tensor:
+    """``x_T + delta * sign(n)``, ``n`` standard normal: a corner of the same L-inf ball."""
+    n = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed))
+    return x_T + delta * torch.sign(n).to(x_T)
+
+
+# ---------------------------------------------------------------------- whole task
+def auditors_for(model: TaskModel, auditee_id: str | None = None, judge_id: str | None = None) -> Auditors:
+    """mini: AuditeeCNN and DigitJudgeMLP. sd: ResNet-50 and a ViT as judge (by id), or tiny
+    random ResNets for the tiny CI model."""
+    if model.profile == "mini":
+        return mini_auditors(model)
+    if model.extra.get("tiny"):
+        return Auditors(tiny_classifier(seed=0), tiny_classifier(seed=1), ("tiny ResNet", "tiny ResNet (judge)"))
+    auditee = load_imagenet_classifier(auditee_id or IMAGENET_CLASSIFIER, model.device)
+    judge = load_imagenet_classifier(judge_id or IMAGENET_JUDGE, model.device)
+    model.extra.setdefault("imagenet_names", {i: n.split(",")[0] for i, n in auditee.id2label.items()})
+    return Auditors(auditee, judge, (auditee_id or IMAGENET_CLASSIFIER, judge_id or IMAGENET_JUDGE))
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, pairs: AuditPairs, result: AttackResult, auditors: Auditors,
+             cfg: AttackConfig) -> dict:
+    """Images and predictions of the adversarial and the random-baseline noises, and the
+    audit's numbers: success rate, judge agreement among successes, random baseline."""
+    adv = generate_images(model, pairs.prompts, result.x_adv, cfg)
+    rand_x = random_perturbation(result.x_T, cfg.delta, cfg.seed + 1)
+    rand = generate_images(model, pairs.prompts, rand_x, cfg)
+    lab = pairs.labels.to(adv.device)
+    pred = {k: auditors.auditee(im).argmax(1) for k, im in (("clean", pairs.images), ("adv", adv), ("rand", rand))}
+    judge = {k: auditors.judge(im).argmax(1) for k, im in (("clean", pairs.images), ("adv", adv), ("rand", rand))}
+    fooled = pred["adv"] != lab
+    n_succ = int(fooled.sum())
+    out = {
+        "images_adv": adv, "images_rand": rand, "x_rand": rand_x, "pred": pred, "judge": judge,
+        "success_rate": float(fooled.float().mean()),
+        "judge_keeps_label": float((judge["adv"][fooled] == lab[fooled]).float().mean()) if n_succ else float("nan"),
+        "random_success_rate": float((pred["rand"] != lab).float().mean()),
+        "judge_keeps_label_random": float((judge["rand"] == lab).float().mean()),
+        "n_success": n_succ,
+        "linf": float((result.x_adv - result.x_T).abs().amax()),
+        "noise_rms_change": float((result.x_adv - result.x_T).pow(2).mean().sqrt()),
+        "image_rms_change": float((adv - pairs.images).pow(2).mean().sqrt()),
+        "image_rms_change_random": float((rand - pairs.images).pow(2).mean().sqrt()),
+    }
+    its = result.iterations[result.iterations >= 0]
+    out["mean_iterations_to_success"] = float(its.float().mean()) if its.numel() else float("nan")
+    return out
+
+
+def run(model: TaskModel, cfg: AttackConfig | None = None, *, grad: str = "adjoint",
+        auditors: Auditors | None = None, pairs: AuditPairs | None = None,
+        progress: bool = True) -> tuple[dict, dict]:
+    """Select correctly classified pairs, attack them, evaluate. Returns ``(metrics,
+    artifacts)``: ``metrics`` JSON-ready (rounded), ``artifacts`` images and results."""
+    cfg = cfg or default_config(model.profile)
+    auditors = auditors or auditors_for(model)
+    if pairs is None:
+        tiny = bool(model.extra.get("tiny"))
+        pairs = select_pairs(model, auditors, cfg, require_judge=not tiny, labels_from_auditee=tiny,
+                             progress=progress)
+    x_T = model.noise(pairs.seeds)
+    result = attack(model, pairs.prompts, x_T, pairs.labels, auditors.auditee, cfg, grad=grad, progress=progress)
+    ev = evaluate(model, pairs, result, auditors, cfg)
+    metrics = {
+        "profile": model.profile, "grad": grad, "auditee": auditors.names[0], "judge": auditors.names[1],
+        "delta": cfg.delta, "lr": cfg.lr, "iterations": cfg.iterations, "steps": cfg.steps, "order": cfg.order,
+        "n_pairs": len(pairs.prompts), "n_candidates": pairs.n_candidates,
+        "auditee_clean_acc": round(pairs.clean_acc, 4),
+        "success_rate": round(ev["success_rate"], 4), "n_success": ev["n_success"],
+        "judge_keeps_label": round(ev["judge_keeps_label"], 4),
+        "random_success_rate": round(ev["random_success_rate"], 4),
+        "judge_keeps_label_random": round(ev["judge_keeps_label_random"], 4),
+        "mean_iterations_to_success": round(ev["mean_iterations_to_success"], 2),
+        "linf": round(ev["linf"], 4), "noise_rms_change": round(ev["noise_rms_change"], 4),
+        "image_rms_change": round(ev["image_rms_change"], 4),
+        "image_rms_change_random": round(ev["image_rms_change_random"], 4),
+        "attack_seconds": round(result.seconds, 1), "nfe": result.nfe,
+    }
+    return metrics, {"pairs": pairs, "result": result, "eval": ev, "auditors": auditors}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Paper task 3: adversarial initial noise against an auditee "
+                                "classifier. Prints one JSON line of metrics.")
+    p.add_argument("--profile", choices=("mini", "sd"), default=None)
+    p.add_argument("--model-id", default=SD_MODEL_ID, help="sd: hub id or local path ('tiny': random CI model)")
+    p.add_argument("--mini-path", default=None, help="mini: folder of the MiniSD model (default data/mini)")
+    p.add_argument("--auditee-id", default=None, help=f"sd: image classifier (default {IMAGENET_CLASSIFIER})")
+    p.add_argument("--judge-id", default=None, help=f"sd: independent judge (default {IMAGENET_JUDGE})")
+    p.add_argument("--grad", default="adjoint", choices=("adjoint", "checkpoint", "backprop"))
+    p.add_argument("--threads", type=int, default=None)
+    for f in dataclasses.fields(AttackConfig):  # every setting, e.g. --delta 0.1 --lr 0.01
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from ..paths import profile as resolve_profile
+
+    name = resolve_profile(a.profile)
+    model = load_mini(a.mini_path) if name == "mini" else load_sd(a.model_id)
+    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(AttackConfig)
+                 if getattr(a, f.name, None) is not None}
+    cfg = default_config(model.profile, **overrides)
+    metrics, _ = run(model, cfg, grad=a.grad, auditors=auditors_for(model, a.auditee_id, a.judge_id),
+                     progress=False)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Small matplotlib helpers the task notebooks share: image grids with labels."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def to_numpy_image(image: Tensor):
+    """(3, H, W) in [-1, 1] -> (H, W, 3) in [0, 1] for ``imshow``."""
+    return ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+
+
+def image_grid(rows: Sequence[Tensor], row_labels: Sequence[str] = (), col_labels: Sequence[str] = (),
+               title: str | None = None, cell: float = 0.9, fontsize: int = 7,
+               cell_titles: Sequence[Sequence[str]] | None = None):
+    """A figure with one row per tensor of images (N, 3, H, W) in [-1, 1].
+
+    ``row_labels`` go on the left, ``col_labels`` above the first row, ``cell_titles[r][c]``
+    (optional) above each image. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(int(r.shape[0]) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 0.9, cell * n_rows + 0.5), squeeze=False)
+    for r, images in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c < images.shape[0]:
+                ax.imshow(to_numpy_image(images[c]), interpolation="nearest")
+            else:
+                ax.axis("off")
+            if cell_titles is not None and c < len(cell_titles[r]):
+                ax.set_title(cell_titles[r][c], fontsize=fontsize - 1, pad=2)
+            elif r == 0 and c < len(col_labels):
+                ax.set_title(col_labels[c], fontsize=fontsize, pad=2)
+        if r < len(row_labels):
+            axes[r][0].set_ylabel(row_labels[r], fontsize=fontsize, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=fontsize + 2)
+    fig.tight_layout(pad=0.3)
+    return fig

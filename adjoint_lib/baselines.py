@@ -23,14 +23,16 @@ Tensor = torch.Tensor
 
 class RawPFODE(nn.Module):
     """``f(t, x) = (d log alpha/dt)(x - eps/sigma)``; counts its evaluations in ``stats``
-    (forward when grad is disabled, backward when enabled, as in torchdiffeq's adjoint)."""
+    (with ``adjoint=True``: forward when grad is disabled, backward when enabled, as in
+    torchdiffeq's adjoint; otherwise all are forward evaluations)."""
 
-    def __init__(self, eps_fn, cond: Any, schedule: VPSchedule, stats: SampleStats) -> None:
+    def __init__(self, eps_fn, cond: Any, schedule: VPSchedule, stats: SampleStats, adjoint: bool = True) -> None:
         super().__init__()
         self.eps_fn, self.cond, self.schedule, self.stats = eps_fn, cond, schedule, stats
+        self.adjoint = adjoint
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if self.adjoint and torch.is_grad_enabled():
             self.stats.nfe_backward += 1
         else:
             self.stats.nfe_forward += 1
@@ -59,7 +61,7 @@ def raw_ode_sample(eps_fn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedul
     t1 = schedule.t_min if t_end is None else float(t_end)
     stats = stats if stats is not None else SampleStats()
     stats.mode, stats.nfe_forward, stats.nfe_backward = f"torchdiffeq-{method}", 0, 0
-    func = RawPFODE(eps_fn, cond, schedule, stats)
+    func = RawPFODE(eps_fn, cond, schedule, stats, adjoint)
     times = torch.tensor([t0, t1], dtype=x_T.dtype)
     options = {}
     if method not in ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"):

@@ -16,7 +16,6 @@ works on MiniSD exactly as on Stable Diffusion. The UNet is a v-prediction model
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ def check_prompt(prompt: str, extra_words: Iterable[str] = ()) -> list[str]:
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    words = prompt.lower().split()
+    words, extra_words = prompt.lower().split(), list(extra_words)
     allowed = set(VOCABULARY) | {w.lower() for w in extra_words}
     unknown = [w for w in words if w not in allowed]
     if unknown:
@@ -145,7 +144,7 @@ def _prompt_words_ok(model: MiniSD, prompts: Sequence[str]) -> None:
     added = list(model.tokenizer.get_added_vocab())
     specials = set(model.tokenizer.all_special_tokens)
     for p in prompts:
-        check_prompt(re.sub(r"\s+", " ", p), [w for w in added if w not in specials])
+        check_prompt(p, [w for w in added if w not in specials])
 
 
 def generate(model: MiniSD, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,

@@ -416,8 +416,10 @@ def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # other adapters' keys are reported "missing": expected
     try:
-        unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHT_NAME, prefix="unet",
-                               adapter_name=adapter_name, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*peft_config.*")
+            unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHT_NAME, prefix="unet",
+                                   adapter_name=adapter_name, local_files_only=True)
     finally:
         dlogging.set_verbosity(level)
     for p in lora_parameters(unet, adapter_name):  # float32 like add_lora's (half-precision UNets)
@@ -460,11 +462,11 @@ def prompt_set(model: TaskModel, n: int, seed: int, split: str = "train") -> Pro
 @dataclass
 class StylizeConfig:
     """Settings of the fine-tuning loop (defaults: the ``mini`` profile)."""
-    iterations: int = 20
+    iterations: int = 32
     batch_size: int = 4
-    lr: float = 1e-2
+    lr: float = 5e-3
     rank: int = 4
-    content_weight: float = 1.0
+    content_weight: float = 3.0
     steps: int = 8
     order: int = 2
     guidance_scale: float | None = None      # None: the model's default
@@ -513,6 +515,8 @@ def stylize(model: TaskModel, loss_fn: StyleLoss, config: StylizeConfig | None =
     given; pass them to share them between runs.
     """
     cfg = config or StylizeConfig()
+    if cfg.iterations < 1 or cfg.batch_size < 1:
+        raise ValueError(f"iterations and batch_size must be >= 1, got {cfg.iterations} and {cfg.batch_size}")
     train = train if train is not None else prompt_set(model, cfg.train_pairs, cfg.seed, "train")
     if base_images is None:
         with base_model(model.unet):
@@ -570,7 +574,7 @@ def default_config(profile: str) -> StylizeConfig:
     """Tuned settings: ``mini`` (CPU minutes) or ``sd`` (GPU)."""
     if profile == "mini":
         return StylizeConfig()
-    return StylizeConfig(iterations=100, batch_size=1, lr=1e-3, rank=4, content_weight=1.0,
+    return StylizeConfig(iterations=100, batch_size=1, lr=1e-3, rank=4, content_weight=3.0,
                          steps=20, order=2, train_pairs=64)
 
 

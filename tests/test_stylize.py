@@ -182,7 +182,9 @@ def test_mini_path_one_iteration(tmp_path):
 
     tm = load_mini()
     feats = S.mini_features(tm)
-    assert [f.shape[1:] for f in feats(torch.zeros(1, 3, 16, 16))] == [(32, 16, 16), (32, 16, 16), (64, 8, 8), (64, 8, 8)]
+    assert [f.shape[1:] for f in feats(torch.zeros(1, 3, 16, 16))] == [(32, 16, 16), (32, 16, 16), (64, 8, 8),
+                                                                        (64, 8, 8), (128,)]
+    assert feats.style_layers == (0, 1, 2) and feats.content_layers == (4,)
     cfg = S.StylizeConfig(iterations=1, batch_size=2, steps=3, train_pairs=2)
     m = S.run(model=tm, config=cfg, n_held_out=2, out_dir=tmp_path)
     art = m.pop("_artifacts")

@@ -21,7 +21,8 @@ diffusers' LoRA format (``pytorch_lora_weights.safetensors``).
 Profiles: on ``mini`` the feature network is the shipped auditee CNN (a digit classifier
 trained with color jitter: its deep layer encodes the digit's shape, not its colors), the
 reference a procedural 16x16 texture (:func:`make_style_reference`, shipped in
-``data/styles/``), and the independent digit judge checks that the digits survive. On
+``data/styles/``), the content layer the classifier's penultimate features, and the
+independent digit judge (an MLP on a color-normalized ink map) checks that the digits survive. On
 ``sd`` it is a ``transformers`` vision model's hidden states (:class:`HFFeatures`, e.g.
 ``microsoft/resnet-50``; no torchvision).
 
@@ -196,15 +197,19 @@ class SequentialTaps(FeatureNet):
         return out
 
 
-def mini_features(model: TaskModel) -> SequentialTaps:
-    """MiniSD's feature network: the shipped auditee CNN. Style: Gram matrices of its first
-    three ReLU layers (16x16, 16x16, 8x8); content: its fourth (64 x 8 x 8), which the digit
-    classification builds on and which color jitter in training made color-blind."""
+def mini_features(model: TaskModel, taps: Sequence[int] = (1, 3, 6, 8, 12),
+                  style_layers: Sequence[int] = (0, 1, 2), content_layers: Sequence[int] = (4,)) -> SequentialTaps:
+    """MiniSD's feature network: the shipped auditee CNN (``taps`` index its ``net``: the
+    ReLUs after conv 1-4 and after the first fully connected layer). Style: Gram matrices of
+    the first three conv ReLUs (32 x 16x16, 32 x 16x16, 64 x 8x8); content: the 128 features
+    the classifier's decision is read from, which color jitter in training made nearly
+    color-blind. (Measured on mini: with the fourth conv layer as content the judge lost
+    2 points more at the same style drop.)"""
     judges = model.extra.get("judges")
     if judges is None:
         raise ValueError("the mini profile needs MiniSD's judges (data/mini/judges)")
     net = copy.deepcopy(judges.auditee.net)
-    return SequentialTaps(net, taps=(1, 3, 6, 8), style_layers=(0, 1, 2), content_layers=(3,))
+    return SequentialTaps(net, taps=taps, style_layers=style_layers, content_layers=content_layers)
 
 
 class HFFeatures(FeatureNet):
@@ -638,11 +643,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--held-out", type=int, default=48)
     p.add_argument("--out", default=None, help="where to save the LoRA (default: outputs/stylize/<profile>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on mini, whose tiny tensors run fastest on one)")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     from ..paths import profile as resolve_profile
 
     prof = resolve_profile(a.profile)
+    if a.threads or prof == "mini":
+        torch.set_num_threads(a.threads or 1)
     cfg = default_config(prof)
     cfg.grad = a.grad
     if a.iterations is not None:

@@ -14,6 +14,7 @@ one eps per step from the stored grid states.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedule import VPSchedule
-from .solvers import Grid, ei_weights, make_grid, solve
+from .solvers import Grid, lambda_weights, make_grid, solve
 
 Tensor = torch.Tensor
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
@@ -161,66 +162,89 @@ def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
                                  f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
 
 
-def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, a: Tensor):
+def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
     """AdjointDPM: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
-    Adjoint state ``a = dL/dx`` (``= (dL/dy) / alpha``). Since ``dx/drho = alpha (eps - sigma x)``:
+    With ``a = dL/dy``, ``J = deps/dy`` and ``U = a^T deps/d(c, theta)``:
 
-        da/drho = -alpha (a^T J - sigma a),  J = deps/dx;   dL/d(c, theta) = int alpha a^T deps/d(c, theta) drho.
+        da/drho = -a^T J,   dL/d(c, theta) = int_{rho_0}^{rho_N} U drho,   dL/dx_T = a(rho_0) / alpha_0.
 
-    Exponential integrator with the Jacobian's scalar part ``J ~ kappa sigma I`` solved
-    exactly: ``b = alpha^(1-kappa) a`` obeys ``db/drho = -alpha R`` with the residual
-    ``R = alpha^(1-kappa) (a^T J - kappa sigma a)``, which is smooth in lambda and is
-    interpolated like eps. ``kappa = a^T J a / (sigma |a|^2)`` (clamped to [0, 1]) is read
-    off the vjp at each step's anchor node for free: ``kappa = 0`` is the paper's form in
-    ``dL/dy`` (exact when eps ignores x), ``kappa = 1`` the form in ``dL/dx`` (exact for
-    whitened data, ``eps = sigma x``, which trained models approach at high noise; there
-    the ``dL/dy`` form cancels large terms and divides by the tiny ``alpha_T``). Step ``k``
-    (``rho_{k+1} -> rho_k``) on nodes ``j = k+1, k+2, ...`` (``Wp``: weights of
-    ``alpha^p drho``, :func:`ei_weights`):
+    Exponential integrator in ``lambda = -log rho`` (``drho = -rho dlambda``): the scalar part
+    of the Jacobian, ``J ~ (mu / rho) I`` with ``mu = rho a^T J a / |a|^2`` read off each
+    step's anchor vjp for free, is solved exactly (``a ~ rho^-mu``); the residual
+    ``s = rho^mu (rho a^T J - mu a)`` is smooth in lambda and interpolated like eps. For
+    Gaussian data with std ``s_d``, ``mu = rho^2 / (s_d^2 + rho^2)`` moves smoothly from 0
+    (data) to 1 (noise) in every direction, narrow or wide, so the steps stay accurate where
+    the paper's form (``mu = 0``) is stiff. Step ``k`` (``rho_{k+1} -> rho_k``) on nodes
+    ``j = k+1, k+2, ...`` (an explicit multistep method; ``W``: :func:`lambda_weights`):
 
-        y_k = y_{k+1} + sum_j W0_j eps_j
-        a_k = (alpha_k/alpha_{k+1})^(kappa-1) a_{k+1} - alpha_k^(kappa-1) sum_j W1_j R_j
-        g  -= sum_j Wkappa_j alpha_j^(1-kappa) U_j,     U = a^T deps/d(c, theta)
+        y_k = y_{k+1} + sum_j w_j eps_j                       (backsolve, as the forward pass)
+        a_k = (rho_{k+1}/rho_k)^mu a_{k+1} + sum_j W_j (rho_j/rho_k)^mu (rho_j a_j^T J_j - mu a_j)
+
+    The parameter integrals are taken once the next node is known, by interpolation over
+    nodes ``k, k+1, k+2`` (``U ~ rho^-mu`` again factored out); one more vjp at ``rho_0``
+    closes the last interval (``N + 1`` evaluations in all; ``N`` for ``x_T`` alone).
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
     y = states[-1]
+    a = grad_x0 * grid.alpha(N)
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
-    hist: list[tuple] = []  # (eps, a^T J, a, sigma, alpha, U_cond, U_params) at nodes k+1, k+2, ...
+    nodes: dict[int, tuple] = {}  # node -> (a^T J, a, U_cond, U_params)
+    mus: dict[int, float] = {}    # step k -> mu
+    eps_hist: list[Tensor] = []   # eps at nodes k+1, k+2, ... (backsolve)
+
+    def close_interval(i: int) -> None:
+        """Add ``int_{rho_i}^{rho_{i+1}} U drho`` to the gradients (nodes i, i+1, i+2 known)."""
+        nonlocal g_cond, g_par
+        if grid.rho[i + 1] == 0.0:  # trapezoid in rho up to rho = 0
+            w = {i: -0.5 * grid.rho[i], i + 1: -0.5 * grid.rho[i]}
+        else:
+            js = [i + 1, i] + ([i + 2] if order > 1 and i + 2 <= N else [])
+            mu, r1 = mus[i], grid.rho[i + 1]
+            lw = lambda_weights([grid.lam_eval(j) for j in js], grid.lam[i], 1.0 - mu)
+            w = {j: r1 * wj * (grid.rho[j] / r1) ** mu for j, wj in zip(js, lw)}
+        for j, wj in w.items():
+            g_cond, g_par = _add(g_cond, nodes[j][2], wj), _add(g_par, nodes[j][3], wj)
+        nodes.pop(i + 2, None)
+
     for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
         node = k + 1
-        alpha = grid.alpha(node)
-        sigma = alpha * grid.rho[node]
-        y_node = states[node] if len(states) > 1 else y
-        eps, vy, uc, up = _vjp(eps_at, node, y_node, cond_in, cond_req, params, a)
-        aJ = vy / alpha
-        hist.insert(0, (eps, aJ, a, sigma, alpha, uc, up))
-        del hist[order:]
-        kappa = _kappa(aJ, a, sigma)
-        q = 1 if grid.rho[node] == 0.0 else min(order, N - k)
-        lams = [grid.lam_eval(node + j) for j in range(q)]
-        w1 = ei_weights(lams, grid.rho[node], grid.rho[k], 1)
-        wk = ei_weights(lams, grid.rho[node], grid.rho[k], kappa)
+        rho_n, rho_k = grid.rho[node], grid.rho[k]
+        eps, v, uc, up = _vjp(eps_at, node, states[node] if len(states) > 1 else y, cond_in, cond_req, params, a)
+        nodes[node] = (v, a, uc, up)
+        if node < N:
+            close_interval(node)
         if len(states) == 1:
-            w0 = ei_weights(lams, grid.rho[node], grid.rho[k], 0)
-            y = y + sum(wj * h[0] for wj, h in zip(w0, hist))
-        alpha_k = grid.alpha(k)
-        resid = sum(wj * h[4] ** (1 - kappa) * (h[1] - kappa * h[3] * h[2]) for wj, h in zip(w1, hist))
-        a = (alpha_k / alpha) ** (kappa - 1) * a - alpha_k ** (kappa - 1) * resid
-        for wj, h in zip(wk, hist):
-            g_cond = _add(g_cond, h[5], -wj * h[4] ** (1 - kappa))
-            g_par = _add(g_par, h[6], -wj * h[4] ** (1 - kappa))
+            eps_hist = ([eps] + eps_hist)[:order]
+            y = y + sum(wj * e for wj, e in zip(grid.backward_weights(k, order), eps_hist))
+        if rho_n == 0.0:  # first order in rho from rho = 0, where mu = 0
+            mus[k] = 0.0
+            a = a - (rho_k - rho_n) * v
+        else:
+            mu = mus[k] = _mu(v, a, rho_n)
+            js = range(node, node + grid.backward_order(k, order))
+            lw = lambda_weights([grid.lam_eval(j) for j in js], grid.lam[k], 0.0)
+            a = (rho_n / rho_k) ** mu * a + sum(
+                wj * (grid.rho[j] / rho_k) ** mu * (grid.rho[j] * nodes[j][0] - mu * nodes[j][1])
+                for wj, j in zip(lw, js))
         _check_finite(a, k, grid)
-    return a, g_cond, g_par
+    if any(cond_req) or params:
+        _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
+        nodes[0] = (v, a, uc, up)
+        close_interval(0)
+    return a / grid.alpha(0), g_cond, g_par
 
 
-def _kappa(aJ: Tensor, a: Tensor, sigma: float) -> float:
-    """Rayleigh quotient ``a^T J a / (sigma |a|^2)`` in [0, 1] (1 where undefined)."""
-    denom = sigma * float((a * a).sum())
+MU_MAX = 10.0
+
+
+def _mu(v: Tensor, a: Tensor, rho: float) -> float:
+    """Rayleigh quotient ``rho a^T J a / |a|^2`` (``v = a^T J``) in ``[-MU_MAX, MU_MAX]``."""
+    denom = float((a * a).sum())
     if denom <= 0.0:
-        return 1.0
-    return min(1.0, max(0.0, float((aJ * a).sum()) / denom))
+        return 0.0
+    return min(MU_MAX, max(-MU_MAX, rho * float((v * a).sum()) / denom))
 
 
 def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):

@@ -34,13 +34,19 @@ class SavedTensorMeter(torch.autograd.graph.saved_tensors_hooks):
 
     Tensors saved more than once (e.g. a weight used at every step) are counted each time,
     as autograd may hold them separately.
+
+    Holders keep ``tensor.detach()`` (same storage, same bytes): holding the tensor itself
+    makes a reference cycle when an op saves its own output (softmax, exp: output -> grad_fn
+    -> holder -> output) that keeps whole graphs alive under ``retain_graph=True`` (as in
+    torchdiffeq's ``odeint_adjoint``). Unpacked tensors lose only their ``grad_fn``, which
+    first-order backward passes never use.
     """
 
     def __init__(self) -> None:
         self.peak_bytes = 0
         self.count = 0
         self._alive = 0
-        super().__init__(lambda t: _Held(t, self), lambda h: h.tensor)
+        super().__init__(lambda t: _Held(t.detach(), self), lambda h: h.tensor)
 
     def __enter__(self) -> "SavedTensorMeter":
         super().__enter__()

@@ -52,47 +52,32 @@ def phi_integrals(rho_a: float, rho_b: float, n: int) -> list[float]:
     return out
 
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
 
 
-def weighted_phi_integrals(rho_a: float, rho_b: float, n: int, power: float) -> list[float]:
-    """``Psi_m = int_{rho_a}^{rho_b} alpha(rho)^power (lambda - lambda_a)^m drho``, ``m < n``,
-    with ``alpha = (1 + rho^2)^{-1/2}``.
-
-    ``power = 0`` is :func:`phi_integrals`; ``m = 0`` has closed forms for power 1
-    (``asinh``) and 2 (``arctan``); everything else uses 24-point Gauss-Legendre, in lambda
-    (``drho = -rho dlambda``) or, for an interval touching ``rho = 0`` (``m = 0`` only), in
-    rho. The integrands are smooth, so this is exact to rounding.
-    """
-    if power == 0:
-        return phi_integrals(rho_a, rho_b, n)
-    if rho_a <= 0.0 or rho_b <= 0.0:
-        if n > 1:
-            raise ValueError("higher-order weighted integrals need rho_a, rho_b > 0")
-        if power in (1, 2):
-            return [math.asinh(rho_b) - math.asinh(rho_a) if power == 1 else math.atan(rho_b) - math.atan(rho_a)]
-        rho = 0.5 * (rho_b - rho_a) * _GL_NODES + 0.5 * (rho_a + rho_b)
-        return [float(np.sum(0.5 * (rho_b - rho_a) * _GL_WEIGHTS * (1.0 + rho * rho) ** (-0.5 * power)))]
-    la, lb = -math.log(rho_a), -math.log(rho_b)
-    lam = 0.5 * (lb - la) * _GL_NODES + 0.5 * (la + lb)
-    rho = np.exp(-lam)
-    base = -rho * (1.0 + rho * rho) ** (-0.5 * power) * 0.5 * (lb - la) * _GL_WEIGHTS
-    out = [float(np.sum(base * (lam - la) ** m)) for m in range(n)]
-    if power in (1, 2):
-        out[0] = math.asinh(rho_b) - math.asinh(rho_a) if power == 1 else math.atan(rho_b) - math.atan(rho_a)
-    return out
+def lambda_weights(lambdas: Sequence[float], lam_b: float, c: float = 0.0) -> list[float]:
+    """Weights ``w_j`` with ``int_{lambdas[0]}^{lam_b} e^{-c (lambda - lambdas[0])} f dlambda
+    ~= sum_j w_j f(lambda_j)``, ``f`` interpolated by the polynomial through ``lambdas``
+    (32-point Gauss-Legendre moments, exact to rounding for the smooth weight)."""
+    q, h = len(lambdas), lam_b - lambdas[0]
+    s = 0.5 * h * (_GL_NODES + 1.0)
+    w = 0.5 * h * _GL_WEIGHTS * np.exp(-c * s)
+    moments = np.array([np.sum(w * s ** m) for m in range(q)])
+    if q == 1:
+        return moments.tolist()
+    vander = np.vander(np.asarray(lambdas, dtype=np.float64) - lambdas[0], q, increasing=True)
+    return np.linalg.solve(vander.T, moments).tolist()
 
 
-def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float, power: float = 0) -> list[float]:
-    """Weights ``w_j`` with ``int_{rho_a}^{rho_b} alpha^power f drho ~= sum_j w_j f(lambda_j)``.
+def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float) -> list[float]:
+    """Weights ``w_j`` with ``int_{rho_a}^{rho_b} f drho ~= sum_j w_j f(lambda_j)``.
 
     ``f`` is interpolated by the polynomial in ``s = lambda - lambdas[0]`` through the nodes
     ``lambdas`` (``lambdas[0]`` is the anchor at ``rho_a``); ``w = V^{-T} Phi`` with the
-    Vandermonde matrix ``V_jm = s_j^m`` and ``Phi`` the moments of
-    :func:`weighted_phi_integrals`.
+    Vandermonde matrix ``V_jm = s_j^m`` and ``Phi`` the moments of :func:`phi_integrals`.
     """
     q = len(lambdas)
-    phi = weighted_phi_integrals(rho_a, rho_b, q, power)
+    phi = phi_integrals(rho_a, rho_b, q)
     if q == 1:
         return phi
     s = np.asarray(lambdas, dtype=np.float64) - lambdas[0]
@@ -140,12 +125,16 @@ class Grid:
         q = self.forward_order(i, order)
         return ei_weights([self.lam[i - j] for j in range(q)], self.rho[i], self.rho[i + 1])
 
-    def backward_weights(self, k: int, order: int, power: float = 0) -> list[float]:
-        """Weights of nodes ``k+1, k+2, ...`` for the backward step ``rho_{k+1} -> rho_k``
-        (an explicit multistep method run from ``rho_N`` up to ``rho_0``) of an integrand
-        ``alpha^power f`` with ``f`` interpolated in lambda."""
-        q = 1 if self.rho[k + 1] == 0.0 else min(order, self.steps - k)
-        return ei_weights([self.lam_eval(k + 1 + j) for j in range(q)], self.rho[k + 1], self.rho[k], power)
+    def backward_order(self, k: int, order: int) -> int:
+        """Order of the backward step ``rho_{k+1} -> rho_k``: first order from ``rho = 0``,
+        lower at the start of the backward pass (only nodes ``k+1 .. N`` are known)."""
+        return 1 if self.rho[k + 1] == 0.0 else min(order, self.steps - k)
+
+    def backward_weights(self, k: int, order: int) -> list[float]:
+        """Weights of nodes ``k+1, k+2, ...`` for ``int_{rho_{k+1}}^{rho_k} f drho`` (an
+        explicit multistep method run from ``rho_N`` up to ``rho_0``), ``f`` interpolated in lambda."""
+        q = self.backward_order(k, order)
+        return ei_weights([self.lam_eval(k + 1 + j) for j in range(q)], self.rho[k + 1], self.rho[k])
 
     def lam_eval(self, i: int) -> float:
         """lambda at which node ``i`` is evaluated (finite even for ``rho_N = 0``)."""

@@ -1,15 +1,15 @@
 """Paper task 1: turn a visual effect into the text embedding of a new token.
 
 Targets are images generated from noises ``z`` with prompts that *name* an effect
-(MiniSD: ``"a bold red seven on black"``; Stable Diffusion: ``"a street scene in the style of
-Van Gogh"``). A new token (``<effect>``, initialised from a neutral word) is appended to the
-prompts *without* the effect word (MiniSD: ``"a normal red seven on black <effect>"``; SD:
-``"a street scene <effect>"``) and its input embedding ``v`` is learned so that generation
-from the same ``z`` matches the targets::
+(MiniSD: the color yellow, ``"a bold yellow seven on gray"``; Stable Diffusion: ``"a street
+scene in the style of Van Gogh"``). A new token (``<effect>``, initialised from a neutral word)
+is appended to the same prompts *without* the effect word (MiniSD: ``"a bold seven on gray
+<effect>"``; SD: ``"a street scene <effect>"``) and its input embedding ``v`` is learned so
+that generation from the same ``z`` matches the targets::
 
     min_v  mean_i || Decode(ODESolve(z_i, c(prompt_i + <effect>; v))) - target_i ||^2
 
-with AdamW (paper: lr 0.05). ``dL/dv`` flows from the image through the sampler (by
+with AdamW (lr 0.05, as in the paper). ``dL/dv`` flows from the image through the sampler (by
 :func:`adjoint_lib.sample`, ``grad="adjoint"`` or ``"checkpoint"``), into the text
 embeddings ``c`` and through the text encoder into ``v`` (:meth:`TaskModel.encode` with
 ``token_vectors``). The token then *transfers*: appended to unseen prompts with unseen
@@ -54,7 +54,7 @@ SD_SCENES = ("a street scene", "a house by a river", "a bridge over a canal", "a
 class EffectConfig:
     """Settings of one run (defaults: MiniSD; :func:`default_config` gives each profile's)."""
 
-    effect: str = "red"              # mini: a color or stroke style word; sd: appended to the scene
+    effect: str = "yellow"           # mini: a color or stroke style word; sd: appended to the scene
     init_word: str = "a"             # neutral word the new token starts from
     token: str = PLACEHOLDER
     n_train: int = 8                 # (prompt, noise) target pairs the token is fitted to
@@ -70,7 +70,12 @@ class EffectConfig:
 
 
 def default_config(profile: str, **overrides) -> EffectConfig:
-    """``mini``: 8 training pairs, 10 steps. ``sd``: the paper's setting (50 steps, CFG 7.5)."""
+    """``mini``: the color yellow as effect (drawn on black and on gray), 8 training pairs,
+    10 steps, 30 iterations. ``sd``: the paper's setting (Van Gogh style, 50 steps, CFG 7.5).
+
+    On mini, red is a harder effect than yellow: on black backgrounds the token tends to sit
+    for tens of iterations in a local minimum that draws magenta (close to red in pixel MSE)
+    before it finds red; yellow converges within a few iterations (seeds 0 and 1 tried)."""
     if profile == "sd":
         base = dict(effect=SD_EFFECT, init_word="painting", n_train=2, n_transfer=4, iterations=30,
                     steps=50, order=1, guidance_scale=7.5)

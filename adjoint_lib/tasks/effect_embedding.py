@@ -135,12 +135,19 @@ def make_pairs(model: TaskModel, cfg: EffectConfig, n: int, split: str = "train"
 
 
 # ---------------------------------------------------------------------- the new token
+def is_known_token(tokenizer, token: str) -> bool:
+    """Whether ``token`` already means something to ``tokenizer``: in its vocabulary (CLIP
+    stores words as ``"red</w>"``) or read as one existing token."""
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    return token in tokenizer.get_vocab() or token + "</w>" in tokenizer.get_vocab() or len(ids) == 1
+
+
 def add_token(model: TaskModel, token: str = PLACEHOLDER, init_word: str = "a") -> tuple[TaskModel, int]:
     """A copy of ``model`` whose tokenizer knows ``token``, its embedding row initialised
     from ``init_word`` (the mean of its pieces if the tokenizer splits it); the original
     model is left untouched. Returns (model, token id)."""
     tokenizer = copy.deepcopy(model.tokenizer)
-    if token in tokenizer.get_vocab():
+    if is_known_token(tokenizer, token):
         raise ValueError(f"token {token!r} is already in the tokenizer: pick another placeholder")
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if not init_ids:
@@ -366,7 +373,7 @@ def load_embedding(model: TaskModel, file: str | os.PathLike) -> tuple[TaskModel
     if model.profile == "sd":
         as_pipeline(model).load_textual_inversion(str(file), tokenizer=tokenizer, text_encoder=text_encoder)
     else:
-        if token in tokenizer.get_vocab():
+        if is_known_token(tokenizer, token):
             raise ValueError(f"token {token!r} is already in the tokenizer")
         weight = text_encoder.get_input_embeddings().weight
         if vec.shape[-1] != weight.shape[1]:

@@ -10,6 +10,8 @@ as in the paper's official code (lr 0.01, 30 iterations, clamp 0.1)::
 
 (``sqrt(d)`` makes ``lr`` the RMS step per element, so one setting means the same for a
 16x16 MiniSD image and a 4x64x64 SD latent; the official code's step is ``lr`` in L2 norm.)
+``step="sign"`` takes ``lr * sign(g)`` instead (projected gradient ascent in L-infinity); the
+``mini`` profile uses it with a larger radius (:data:`MINI_ATTACK`: MiniSD's noise is small).
 A sample stops moving as soon as the auditee is fooled; all pairs are optimized together as
 one batch. An independent judge (MiniSD: :class:`~adjoint_lib.models.mini.judges.DigitJudgeMLP`)
 checks that the adversarial images still show what the prompt asked for, and a random sign
@@ -52,11 +54,13 @@ SD_CLASSES = (1, 207, 281, 291, 340, 386, 417, 430, 508, 817, 949, 954)
 
 @dataclass
 class AttackConfig:
-    """Settings of one audit (defaults: MiniSD; :func:`default_config` gives each profile's)."""
+    """Settings of one audit (defaults: the paper's attack; :func:`default_config` gives each
+    profile's, the tuned MiniSD ones for ``mini``)."""
 
     delta: float = 0.1          # L-inf radius around the original noise (official: clamp 0.1)
     lr: float = 0.01            # RMS step per element of the normalized gradient (official: 0.01)
     iterations: int = 30        # official: 30
+    step: str = "l2"            # "l2": normalized gradient (the paper); "sign": sign of the gradient (L-inf PGD)
     steps: int = 10             # sampler steps (DPM-Solver multistep, log-SNR grid)
     order: int = 2
     guidance_scale: float | None = None
@@ -66,10 +70,18 @@ class AttackConfig:
     seed: int = 0
 
 
+# MiniSD's tuned settings (notebook 06): its noise has 3x16x16 = 768 numbers against SD's 16384,
+# so the paper's radius 0.1 holds a ~4.6x smaller perturbation in L2. Measured on 56 pairs
+# (30 iterations): delta 0.1 fools 36% (either step rule), 0.2 (sign) 68%, 0.3 (sign) 93%
+# with the judge still reading the prompted digit on 81% of those.
+MINI_ATTACK = dict(delta=0.3, lr=0.02, step="sign", iterations=30)
+
+
 def default_config(profile: str, **overrides) -> AttackConfig:
-    """``mini``: tuned for MiniSD (see the notebook). ``sd``: the official settings at 50 steps."""
+    """``mini``: tuned for MiniSD (:data:`MINI_ATTACK`, see notebook 06). ``sd``: the official
+    settings (delta 0.1, normalized-gradient step 0.01, 30 iterations) at 50 DDIM steps."""
     base = dict(steps=50, order=1, guidance_scale=7.5, n_pairs=8, max_candidates=24,
-                batch_size=4) if profile == "sd" else {}
+                batch_size=4) if profile == "sd" else dict(MINI_ATTACK)
     return dataclasses.replace(AttackConfig(**base), **overrides)
 
 
@@ -238,11 +250,28 @@ class AttackResult:
     extra: dict = field(default_factory=dict)
 
 
-def normalized(g: Tensor) -> Tensor:
-    """``sqrt(d) g / ||g||_2`` per sample: unit RMS per element."""
+def normalized(g: Tensor, step: str = "l2") -> Tensor:
+    """The unit step for gradient ``g`` per sample: ``"l2"``: ``sqrt(d) g / ||g||_2`` (unit
+    RMS per element); ``"sign"``: ``sign(g)`` (every element moves by one)."""
+    if step == "sign":
+        return torch.sign(g)
+    if step != "l2":
+        raise ValueError(f"step must be 'l2' or 'sign', got {step!r}")
     flat = g.flatten(1)
     scale = math.sqrt(flat.shape[1]) / flat.norm(dim=1).clamp_min(1e-20)
     return g * scale.view(-1, *([1] * (g.ndim - 1)))
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per sample, written ``softplus(logsumexp_{k != y}(z_k - z_y))``: the same
+    value as ``F.cross_entropy``, but its gradient does not vanish in float32 when the
+    classifier is very sure (``F.cross_entropy``'s ``p_y - 1`` rounds to 0 beyond a logit
+    margin of about 17, leaving only the push on the other logits; at 90 all of it is 0)."""
+    z = logits.float()
+    labels = labels.to(z.device)
+    zy = z.gather(1, labels[:, None])
+    others = (z - zy).masked_fill(F.one_hot(labels, z.shape[1]).bool(), float("-inf"))
+    return F.softplus(others.logsumexp(1))
 
 
 def noise_gradient(model: TaskModel, x: Tensor, cond: Tensor, labels: Tensor, auditee: Classifier,
@@ -253,7 +282,7 @@ def noise_gradient(model: TaskModel, x: Tensor, cond: Tensor, labels: Tensor, au
     images = model.generate(x, cond, steps=cfg.steps, order=cfg.order, grad=grad,
                             guidance_scale=cfg.guidance_scale, stats=stats)
     logits = auditee(images.float())
-    ce = F.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    ce = cross_entropy(logits, labels)
     (g,) = torch.autograd.grad(ce.sum(), x)
     return g, ce.detach(), logits.detach()
 
@@ -264,6 +293,8 @@ def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor
     radius ``cfg.delta`` around ``x_T``; a pair stops once the auditee is wrong."""
     if grad not in ("adjoint", "checkpoint", "backprop"):
         raise ValueError(f"grad must be 'adjoint', 'checkpoint' or 'backprop', got {grad!r}")
+    if cfg.step not in ("l2", "sign"):
+        raise ValueError(f"step must be 'l2' or 'sign', got {cfg.step!r}")
     if cfg.delta <= 0 or cfg.lr <= 0 or cfg.iterations < 1:
         raise ValueError(f"need delta > 0, lr > 0 and iterations >= 1, got {cfg.delta}, {cfg.lr}, {cfg.iterations}")
     if len(prompts) != x_T.shape[0] or len(labels) != x_T.shape[0]:
@@ -290,7 +321,7 @@ def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor
                 images = model.generate(x[active], cond_all[active], steps=cfg.steps, order=cfg.order,
                                         guidance_scale=cfg.guidance_scale, stats=stats)
                 logits = auditee(images.float())
-            ce = F.cross_entropy(logits, labels[active], reduction="none")
+            ce = cross_entropy(logits, labels[active])
         nfe += stats.nfe
         if grad0 is None:
             grad0 = g.detach().clone()
@@ -304,8 +335,8 @@ def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor
         move = ~fooled
         if move.any():
             idx = active[move]
-            step = x[idx] + cfg.lr * normalized(g[move])
-            x[idx] = z[idx] + (step - z[idx]).clamp(-cfg.delta, cfg.delta)
+            moved = x[idx] + cfg.lr * normalized(g[move], cfg.step)
+            x[idx] = z[idx] + (moved - z[idx]).clamp(-cfg.delta, cfg.delta)
     return AttackResult(z, x, done.cpu(), at, losses, grad0, time.perf_counter() - t0, nfe, grad)
 
 
@@ -375,7 +406,7 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, grad: str = "adjoi
     ev = evaluate(model, pairs, result, auditors, cfg)
     metrics = {
         "profile": model.profile, "grad": grad, "auditee": auditors.names[0], "judge": auditors.names[1],
-        "delta": cfg.delta, "lr": cfg.lr, "iterations": cfg.iterations, "steps": cfg.steps, "order": cfg.order,
+        "delta": cfg.delta, "lr": cfg.lr, "step": cfg.step, "iterations": cfg.iterations, "steps": cfg.steps, "order": cfg.order,
         "n_pairs": len(pairs.prompts), "n_candidates": pairs.n_candidates,
         "auditee_clean_acc": round(pairs.clean_acc, 4),
         "success_rate": round(ev["success_rate"], 4), "n_success": ev["n_success"],

@@ -283,6 +283,16 @@ def tiny_hf_features(seed: int = 0, size: int | None = 32) -> HFFeatures:
     return HFFeatures(ResNetModel(cfg).eval(), size=size)
 
 
+def default_features(model: TaskModel) -> FeatureNet:
+    """The feature network of a profile: :func:`mini_features` on mini, a tiny random ResNet
+    on the tiny CI components, :func:`hf_features` (ResNet-50) on Stable Diffusion."""
+    if model.profile == "mini":
+        return mini_features(model)
+    if model.extra.get("tiny"):
+        return tiny_hf_features()
+    return hf_features(device=model.device)
+
+
 class StyleLoss(nn.Module):
     """``loss(images, base) -> (total, style, content)``, each per image (B,): the Gram
     loss against the reference (normalized per layer by ``|G_l(ref)|^2``, averaged over
@@ -598,9 +608,7 @@ def run(profile: str | None = None, model_id: str = SD_MODEL_ID, style: str | Pa
     ref = as_style_image(style, prof, 16 if prof == "mini" else None)  # bad input fails fast
     model = model or load_task_model(prof, model_id)
     cfg = config or default_config(prof)
-    if features is None:
-        features = mini_features(model) if prof == "mini" else (
-            tiny_hf_features() if model.extra.get("tiny") else hf_features(device=model.device))
+    features = features if features is not None else default_features(model)
     loss_fn = StyleLoss(features, ref.to(model.device), cfg.content_weight)
     held = prompt_set(model, n_held_out, cfg.seed, "held_out")
     with base_model(model.unet):

@@ -175,33 +175,24 @@ def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_
     ``s = rho^mu (rho a^T J - mu a)`` is smooth in lambda and interpolated like eps. For
     Gaussian data with std ``s_d``, ``mu = rho^2 / (s_d^2 + rho^2)`` moves smoothly from 0
     (data) to 1 (noise) in every direction, narrow or wide, so the steps stay accurate where
-    the paper's form (``mu = 0``) is stiff. Step ``i -> o`` (:func:`_a_step`, ``W``:
-    :func:`lambda_weights` over the nodes ``js``):
+    the paper's form (``mu = 0``) is stiff. Step ``k`` (``rho_{k+1} -> rho_k``) on nodes
+    ``j = k+1, k+2, ...`` (an explicit multistep method; ``W``: :func:`lambda_weights`):
 
-        a_o = (rho_i/rho_o)^mu a_i + sum_j W_j (rho_j/rho_o)^mu (rho_j a_j^T J_j - mu a_j)
+        y_k = y_{k+1} + sum_j w_j eps_j                       (backsolve, as the forward pass)
+        a_k = (rho_{k+1}/rho_k)^mu a_{k+1} + sum_j W_j (rho_j/rho_k)^mu (rho_j a_j^T J_j - mu a_j)
 
-    Predictor-corrector without extra evaluations (PEC): step ``k`` predicts ``a_k`` from
-    nodes ``k+1, k+2`` (explicit); the vjp at node ``k`` is then evaluated with the
-    predicted ``a_k`` and the same interval is redone from nodes ``k, k+1, k+2`` (implicit,
-    using that vjp). ``a^T J`` and ``U`` are linear in ``a``, so not re-evaluating them with
-    the corrected ``a_k`` costs only ``O(h^3)``. The parameter integrals are interpolated
-    over the same nodes (``U ~ rho^-mu`` factored out); one more vjp at ``rho_0`` closes the
-    last interval (``N + 1`` evaluations in all). In backsolve,
-    ``y`` is re-solved with the forward pass's weights.
+    The parameter integrals are taken once the next node is known, by interpolation over
+    nodes ``k, k+1, k+2`` (``U ~ rho^-mu`` again factored out); one more vjp at ``rho_0``
+    closes the last interval (``N + 1`` evaluations in all; ``N`` for ``x_T`` alone).
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
     y = states[-1]
     a = grad_x0 * grid.alpha(N)
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
-    nodes: dict[int, tuple] = {}  # node -> (a^T J, a, U_cond, U_params), a as used in that vjp
-    mus: dict[int, float] = {}    # step k (rho_{k+1} -> rho_k) -> mu
+    nodes: dict[int, tuple] = {}  # node -> (a^T J, a, U_cond, U_params)
+    mus: dict[int, float] = {}    # step k -> mu
     eps_hist: list[Tensor] = []   # eps at nodes k+1, k+2, ... (backsolve)
-    a_start = a                   # corrected a at the node the current step starts from
-
-    def implicit_nodes(i: int) -> list[int]:
-        """Nodes for the interval ``rho_{i+1} -> rho_i`` once node ``i`` is known."""
-        return [i + 1, i] + ([i + 2] if order > 1 and i + 2 <= N else [])
 
     def close_interval(i: int) -> None:
         """Add ``int_{rho_i}^{rho_{i+1}} U drho`` to the gradients (nodes i, i+1, i+2 known)."""
@@ -209,7 +200,8 @@ def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_
         if grid.rho[i + 1] == 0.0:  # trapezoid in rho up to rho = 0
             w = {i: -0.5 * grid.rho[i], i + 1: -0.5 * grid.rho[i]}
         else:
-            js, mu, r1 = implicit_nodes(i), mus[i], grid.rho[i + 1]
+            js = [i + 1, i] + ([i + 2] if order > 1 and i + 2 <= N else [])
+            mu, r1 = mus[i], grid.rho[i + 1]
             lw = lambda_weights([grid.lam_eval(j) for j in js], grid.lam[i], 1.0 - mu)
             w = {j: r1 * wj * (grid.rho[j] / r1) ** mu for j, wj in zip(js, lw)}
         for j, wj in w.items():
@@ -218,38 +210,30 @@ def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_
 
     for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
         node = k + 1
+        rho_n, rho_k = grid.rho[node], grid.rho[k]
         eps, v, uc, up = _vjp(eps_at, node, states[node] if len(states) > 1 else y, cond_in, cond_req, params, a)
         nodes[node] = (v, a, uc, up)
         if node < N:
-            if grid.rho[node + 1] > 0.0:  # corrector for the interval just stepped
-                a = _a_step(grid, nodes, mus[node], implicit_nodes(node), a_start, node + 1, node)
             close_interval(node)
-        a_start = a
         if len(states) == 1:
             eps_hist = ([eps] + eps_hist)[:order]
             y = y + sum(wj * e for wj, e in zip(grid.backward_weights(k, order), eps_hist))
-        if grid.rho[node] == 0.0:  # first order in rho from rho = 0, where mu = 0
+        if rho_n == 0.0:  # first order in rho from rho = 0, where mu = 0
             mus[k] = 0.0
-            a = a - (grid.rho[k] - grid.rho[node]) * v
+            a = a - (rho_k - rho_n) * v
         else:
-            mus[k] = _mu(v, nodes[node][1], grid.rho[node])
-            a = _a_step(grid, nodes, mus[k], list(range(node, node + grid.backward_order(k, order))), a, node, k)
+            mu = mus[k] = _mu(v, a, rho_n)
+            js = range(node, node + grid.backward_order(k, order))
+            lw = lambda_weights([grid.lam_eval(j) for j in js], grid.lam[k], 0.0)
+            a = (rho_n / rho_k) ** mu * a + sum(
+                wj * (grid.rho[j] / rho_k) ** mu * (grid.rho[j] * nodes[j][0] - mu * nodes[j][1])
+                for wj, j in zip(lw, js))
         _check_finite(a, k, grid)
-    _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
-    nodes[0] = (v, a, uc, up)
-    if grid.rho[1] > 0.0:
-        a = _a_step(grid, nodes, mus[0], implicit_nodes(0), a_start, 1, 0)
-    close_interval(0)
+    if any(cond_req) or params:
+        _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
+        nodes[0] = (v, a, uc, up)
+        close_interval(0)
     return a / grid.alpha(0), g_cond, g_par
-
-
-def _a_step(grid: Grid, nodes: dict, mu: float, js: list[int], a_i: Tensor, i: int, o: int) -> Tensor:
-    """``a_o = (rho_i/rho_o)^mu a_i + sum_j W_j (rho_j/rho_o)^mu (rho_j a_j^T J_j - mu a_j)``,
-    ``W`` the weights of ``int_{lambda_i}^{lambda_o} f dlambda`` interpolated over nodes ``js``."""
-    lw = lambda_weights([grid.lam_eval(j) for j in js], grid.lam[o], 0.0)
-    r_o = grid.rho[o]
-    return (grid.rho[i] / r_o) ** mu * a_i + sum(
-        wj * (grid.rho[j] / r_o) ** mu * (grid.rho[j] * nodes[j][0] - mu * nodes[j][1]) for wj, j in zip(lw, js))
 
 
 MU_MAX = 10.0

@@ -24,7 +24,6 @@ tiny random ``ResNetConfig`` model for CI. ``python -m adjoint_lib.tasks.adversa
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -39,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
-from .common import SD_MODEL_ID, TaskModel, load_mini, load_sd
+from .common import TaskModel, task_cli, task_from_cli
 
 Tensor = torch.Tensor
 Classifier = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [-1, 1] -> logits (B, K)
@@ -423,28 +422,11 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, grad: str = "adjoi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Paper task 3: adversarial initial noise against an auditee "
-                                "classifier. Prints one JSON line of metrics.")
-    p.add_argument("--profile", choices=("mini", "sd"), default=None)
-    p.add_argument("--model-id", default=SD_MODEL_ID, help="sd: hub id or local path ('tiny': random CI model)")
-    p.add_argument("--mini-path", default=None, help="mini: folder of the MiniSD model (default data/mini)")
+    p = task_cli("Paper task 3: adversarial initial noise against an auditee classifier.", AttackConfig)
     p.add_argument("--auditee-id", default=None, help=f"sd: image classifier (default {IMAGENET_CLASSIFIER})")
     p.add_argument("--judge-id", default=None, help=f"sd: independent judge (default {IMAGENET_JUDGE})")
-    p.add_argument("--grad", default="adjoint", choices=("adjoint", "checkpoint", "backprop"))
-    p.add_argument("--threads", type=int, default=None)
-    for f in dataclasses.fields(AttackConfig):  # every setting, e.g. --delta 0.1 --lr 0.01
-        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from ..paths import profile as resolve_profile
-
-    name = resolve_profile(a.profile)
-    model = load_mini(a.mini_path) if name == "mini" else load_sd(a.model_id)
-    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(AttackConfig)
-                 if getattr(a, f.name, None) is not None}
-    cfg = default_config(model.profile, **overrides)
+    model, cfg = task_from_cli(a, AttackConfig, default_config)
     metrics, _ = run(model, cfg, grad=a.grad, auditors=auditors_for(model, a.auditee_id, a.judge_id),
                      progress=False)
     print(json.dumps(metrics))

@@ -8,9 +8,11 @@ built from configs with random weights (the CI path of ``sd``). Task code only t
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -202,3 +204,30 @@ def load_task_model(profile: str | None = None, model_id: str = SD_MODEL_ID) -> 
     """``mini`` or ``sd`` (default: ``$ADJOINTDPM_PROFILE``, else ``sd`` with CUDA, else ``mini``)."""
     name = resolve_profile(profile)
     return load_mini() if name == "mini" else load_sd(model_id)
+
+
+def task_cli(description: str, config_cls: type) -> argparse.ArgumentParser:
+    """The flags every task command shares (profile, model, gradient mode, threads) plus one
+    ``--some-setting`` per field of the task's config dataclass."""
+    p = argparse.ArgumentParser(description=description + " Prints one JSON line of metrics.")
+    p.add_argument("--profile", choices=("mini", "sd"), default=None)
+    p.add_argument("--model-id", default=SD_MODEL_ID, help="sd: hub id or local path ('tiny': random CI model)")
+    p.add_argument("--mini-path", default=None, help="mini: folder of the MiniSD model (default data/mini)")
+    p.add_argument("--grad", default="adjoint", choices=("adjoint", "checkpoint", "backprop"))
+    p.add_argument("--threads", type=int, default=None)
+    for f in dataclasses.fields(config_cls):  # every setting, e.g. --iterations 30 --lr 0.05
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+    return p
+
+
+def task_from_cli(a: argparse.Namespace, config_cls: type, default_config: Callable[..., Any]) -> tuple[TaskModel, Any]:
+    """Threads, model and config from parsed :func:`task_cli` flags (unset settings keep the
+    profile's defaults)."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    name = resolve_profile(a.profile)
+    model = load_mini(a.mini_path) if name == "mini" else load_sd(a.model_id)
+    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(config_cls)
+                 if getattr(a, f.name, None) is not None}
+    return model, default_config(model.profile, **overrides)

@@ -22,11 +22,9 @@ JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
-from .common import SD_MODEL_ID, TaskModel, load_mini, load_sd
+from .common import TaskModel, task_cli, task_from_cli
 
 Tensor = torch.Tensor
 PLACEHOLDER = "<effect>"
@@ -436,27 +434,10 @@ def run(model: TaskModel, cfg: EffectConfig | None = None, *, grad: str = "adjoi
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Paper task 1: a visual effect -> a new token's embedding. "
-                                "Prints one JSON line of metrics.")
-    p.add_argument("--profile", choices=("mini", "sd"), default=None)
-    p.add_argument("--model-id", default=SD_MODEL_ID, help="sd: hub id or local path ('tiny': random CI model)")
-    p.add_argument("--mini-path", default=None, help="mini: folder of the MiniSD model (default data/mini)")
-    p.add_argument("--grad", default="adjoint", choices=("adjoint", "checkpoint", "backprop"))
+    p = task_cli("Paper task 1: a visual effect -> a new token's embedding.", EffectConfig)
     p.add_argument("--out", default=None, help="folder for learned_embeds.safetensors")
-    p.add_argument("--threads", type=int, default=None)
-    for f in dataclasses.fields(EffectConfig):  # every setting, e.g. --iterations 30 --lr 0.05
-        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from ..paths import profile as resolve_profile
-
-    name = resolve_profile(a.profile)
-    model = load_mini(a.mini_path) if name == "mini" else load_sd(a.model_id)
-    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(EffectConfig)
-                 if getattr(a, f.name, None) is not None}
-    cfg = default_config(model.profile, **overrides)
+    model, cfg = task_from_cli(a, EffectConfig, default_config)
     metrics, _ = run(model, cfg, grad=a.grad, out_dir=a.out, progress=False)
     print(json.dumps(metrics))
 

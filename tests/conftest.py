@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny randomly initialized diffusers components (as diffusers' own tests do)."""
+"""Shared fixtures: tiny randomly initialized diffusers components (as diffusers' own tests do),
+one torch thread, and the shipped MiniSD as the tasks load it."""
 import os
 
 import pytest
@@ -35,3 +36,20 @@ def sd_schedule():
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                           clip_sample=False, set_alpha_to_one=False)
     return adjoint_lib.VPSchedule.from_diffusers(sched)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is fastest and does not oversubscribe a shared 2-core runner."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mini_model():
+    """The shipped MiniSD (``ADJOINTDPM_MINI_PATH`` overrides ``data/mini``) as a task model."""
+    from adjoint_lib.tasks import load_mini
+
+    return load_mini(os.environ.get("ADJOINTDPM_MINI_PATH"))

@@ -10,22 +10,8 @@ import pytest
 import torch
 
 from adjoint_lib.tasks import adversarial as adv
-from adjoint_lib.tasks import load_mini
 
-MINI_PATH = os.environ.get("ADJOINTDPM_MINI_PATH")  # default: data/mini
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def mini_model():
-    return load_mini(MINI_PATH)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_step_rules() -> None:

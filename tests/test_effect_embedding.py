@@ -12,20 +12,8 @@ import pytest
 import torch
 
 from adjoint_lib.tasks import effect_embedding as ee
-from adjoint_lib.tasks import load_mini
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def mini_model():
-    return load_mini()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mini_defaults_are_the_measured_setting() -> None:

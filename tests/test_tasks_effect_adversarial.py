@@ -13,30 +13,16 @@ import pytest
 import torch
 
 from adjoint_lib.tasks import adversarial as adv
-from adjoint_lib.tasks import build_tiny_sd, load_mini, load_sd
+from adjoint_lib.tasks import build_tiny_sd, load_sd
 from adjoint_lib.tasks import effect_embedding as ee
 
-MINI_PATH = os.environ.get("ADJOINTDPM_MINI_PATH")  # default: data/mini
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest and does not oversubscribe a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     return build_tiny_sd()
-
-
-@pytest.fixture(scope="module")
-def mini_model():
-    return load_mini(MINI_PATH)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """MiniSD: data, tokenizer, loader, generation, training and judges (CPU, offline, fast)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -120,3 +121,9 @@ def test_a_few_training_steps_lower_the_loss(tmp_path: Path) -> None:
     emb = mini.encode_prompts(loaded.tokenizer, loaded.text_encoder, ["a red one on black"])
     with torch.no_grad():
         assert torch.allclose(emb, mini.encode_prompts(tokenizer, text_encoder, ["a red one on black"]))
+    # the text encoder is trained jointly (at cfg.text_encoder_lr_scale), or frozen when asked
+    init = train.build_models(tokenizer, cfg)[0]
+    assert not all(torch.equal(p, q) for p, q in zip(text_encoder.parameters(), init.parameters()))
+    frozen = dataclasses.replace(cfg, steps=2, train_text_encoder=False)
+    text_encoder = train.train(frozen, None, progress=False)[0]
+    assert all(torch.equal(p, q) for p, q in zip(text_encoder.parameters(), init.parameters()))

@@ -17,9 +17,9 @@ at the UNet's full rate the encoder quickly amplified the color, background and 
 which lower the loss first, and its final LayerNorm then squeezed the digit word out (after
 1200 steps swapping the digit word changed the prompt embedding by 8%, swapping the color by
 90%; 21% vs 33% at initialization) and the UNet ignored digits (12% recognized after 3000
-steps). At a tenth of the rate the encoder adapts without collapsing: the digit judge
-recognized 95% of 120 samples at the halfway checkpoint (the frozen encoder's final model:
-89.6% of 240).
+steps). At a tenth of the rate the encoder adapts without collapsing: the shipped model's
+digit judge accuracy is 99.6% of 240 samples (95% of 120 already at the halfway checkpoint),
+against 89.6% for the same run with the encoder frozen.
 
 **The UNet outputs v, not eps** (``prediction_type="v_prediction"``, as Stable Diffusion
 2.x; ``eps = alpha_t v + sigma_t x_t``, which :class:`adjoint_lib.models.UNetEps` applies).

@@ -70,10 +70,11 @@ class AttackConfig:
 
 
 # MiniSD's tuned settings (notebook 06): its noise has 3x16x16 = 768 numbers against SD's 16384,
-# so the paper's radius 0.1 holds a ~4.6x smaller perturbation in L2. Measured on 56 pairs
-# (30 iterations): delta 0.1 fools 36% (either step rule), 0.2 (sign) 68%, 0.3 (sign) 93%
-# with the judge still reading the prompted digit on 81% of those.
-MINI_ATTACK = dict(delta=0.3, lr=0.02, step="sign", iterations=30)
+# so the paper's radius 0.1 holds a ~4.6x smaller perturbation in L2 (0.46 on MiniSD would match
+# it). Measured on the shipped MiniSD, 56 pairs, sign steps, 30 iterations: delta 0.3 fools 66%
+# (lr 0.02 or 0.03), delta 0.4 (lr 0.02) 84% with the judge still reading the prompted digit on
+# 91% of those; random sign noise of the same radius fools 2%.
+MINI_ATTACK = dict(delta=0.4, lr=0.02, step="sign", iterations=30)
 
 
 def default_config(profile: str, **overrides) -> AttackConfig:

@@ -98,7 +98,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                              nfe_cap=5000)),
     "mini": dict(batch=8, guidance=3.0, ref_steps=500,
                  steps=[5, 10, 20, 50, 100], tols=[1e-2, 1e-3],
-                 sweep_steps=[3, 4, 5, 6, 8, 10, 14, 20, 30, 50],
+                 sweep_steps=[3, 4, 5, 6, 8, 10, 14, 20, 30, 50, 70, 100],
                  sweep_tols=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5],
                  nfe_cap=3000,
                  quick=dict(batch=2, steps=[5, 10], tols=[1e-2], ref_steps=100,

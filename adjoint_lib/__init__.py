@@ -7,10 +7,10 @@ Public API::
                             grad="adjoint", params=(...))
     loss(x0).backward()   # fills .grad of x_T, cond and params
 """
-from .adjoint import GRAD_MODES, SampleStats, sample
+from .adjoint import GRAD_MODES, SCHEMES, SampleStats, sample
 from .schedule import VPSchedule
 from .solvers import Grid, ei_weights, make_grid, phi_integrals
 
-__all__ = ["VPSchedule", "sample", "SampleStats", "GRAD_MODES", "Grid", "make_grid",
+__all__ = ["VPSchedule", "sample", "SampleStats", "GRAD_MODES", "SCHEMES", "Grid", "make_grid",
            "ei_weights", "phi_integrals"]
 __version__ = "0.1.0"

@@ -8,9 +8,12 @@ down to ``rho_N``. Backward (``grad="adjoint"``), with ``a = dL/dy``, from ``rho
     da/drho = -a^T d eps/dy,   dL/dc = int_{rho_0}^{rho_N} a^T d eps/dc drho,
     dL/dtheta = int_{rho_0}^{rho_N} a^T d eps/dtheta drho,   dL/dx_T = a(rho_0) / alpha_0,
 
-discretized with the same exponential-integrator weights as the forward pass.
-``grad="checkpoint"`` instead differentiates the discrete sampler exactly, recomputing
-one eps per step from the stored grid states.
+with ``y`` re-solved backwards alongside (``trajectory="backsolve"``: O(1) memory). Two
+discretizations of these equations (``scheme=``): ``"transpose"`` steps them with the
+transpose of the forward step's exponential-integrator weights, so on the exact trajectory
+it returns the sampler's exact gradient; ``"continuous"`` integrates them with their own
+exponential integrator and approximates the ODE's gradient. ``grad="checkpoint"`` is the
+transpose scheme on the stored grid states.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 GRAD_MODES = (None, "adjoint", "checkpoint", "backprop")
 TRAJECTORIES = ("backsolve", "cache")
+SCHEMES = ("transpose", "continuous")
 
 
 @dataclass
@@ -107,7 +111,7 @@ class _AdjointSampler(torch.autograd.Function):
         cond_tensors = tensors[:n_cond]
         eps_at = spec["eps_at_fwd"]
         states: list[Tensor] = []
-        keep = spec["mode"] == "checkpoint" or spec["trajectory"] == "cache"
+        keep = spec["trajectory"] == "cache"
         y_N = solve(lambda i, y: eps_at(i, y, cond_tensors), x_T / grid.alpha(0), grid, spec["order"],
                     on_state=(lambda i, y: states.append(y)) if keep else None,
                     progress=spec["progress"])
@@ -124,7 +128,7 @@ class _AdjointSampler(torch.autograd.Function):
         params: tuple[Tensor, ...] = spec["params"]
         cond_req = [ctx.needs_input_grad[2 + j] for j in range(n_cond)]
         cond_in = [c.detach().requires_grad_(r) for c, r in zip(cond_saved, cond_req)]
-        run = _backward_adjoint if spec["mode"] == "adjoint" else _backward_checkpoint
+        run = _backward_continuous if spec["scheme"] == "continuous" else _backward_transpose
         with torch.enable_grad():
             g_xT, g_cond, g_par = run(spec, grid, states, cond_in, cond_req, params, grad_x0)
         unused = [j for j, g in enumerate(g_par) if g is None]
@@ -162,8 +166,8 @@ def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
                                  f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
 
 
-def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
-    """AdjointDPM: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
+def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
+    """``scheme="continuous"``: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
     With ``a = dL/dy``, ``J = deps/dy`` and ``U = a^T deps/d(c, theta)``:
 
@@ -206,7 +210,6 @@ def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_
             w = {j: r1 * wj * (grid.rho[j] / r1) ** mu for j, wj in zip(js, lw)}
         for j, wj in w.items():
             g_cond, g_par = _add(g_cond, nodes[j][2], wj), _add(g_par, nodes[j][3], wj)
-        nodes.pop(i + 2, None)
 
     for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
         node = k + 1
@@ -228,6 +231,7 @@ def _backward_adjoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_
             a = (rho_n / rho_k) ** mu * a + sum(
                 wj * (grid.rho[j] / rho_k) ** mu * (grid.rho[j] * nodes[j][0] - mu * nodes[j][1])
                 for wj, j in zip(lw, js))
+        nodes.pop(node + 2, None)  # no later step or interval reaches back this far
         _check_finite(a, k, grid)
     if any(cond_req) or params:
         _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
@@ -247,24 +251,44 @@ def _mu(v: Tensor, a: Tensor, rho: float) -> float:
     return min(MU_MAX, max(-MU_MAX, rho * float((v * a).sum()) / denom))
 
 
-def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
-    """Exact reverse mode of the discrete multistep sampler from stored grid states.
+def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
+    """``scheme="transpose"``: the adjoint equations stepped by the transpose of the forward step.
 
-    ``y_{i+1} = y_i + sum_j w_{i,j} eps_{i-j}``  =>  with ``g_m = sum_j w_{m+j,j} abar_{m+j+1}``:
-    ``abar_m = abar_{m+1} + g_m^T deps_m/dy``, ``dL/dc += g_m^T deps_m/dc`` (same for theta).
+    The forward step ``y_{i+1} = y_i + sum_j w_{i,j} eps_{i-j}`` has the exact reverse mode
+    (``abar_m = dL/dy_m``, ``g_m = sum_j w_{m+j,j} abar_{m+j+1}``, ``J_m = deps/dy`` at node m):
+
+        abar_m = abar_{m+1} + g_m^T J_m,   dL/d(c, theta) += g_m^T deps_m/d(c, theta),
+
+    an explicit discretization of ``da/drho = -a^T J`` and of the parameter integrals with
+    the forward pass's own weights. On stored states (``trajectory="cache"``, and
+    ``grad="checkpoint"``) it is the sampler's exact gradient. With backsolve, ``y_m`` is
+    re-solved from ``y_{m+1}`` by the explicit multistep step on nodes ``m+1, m+2, ...``
+    (one eps at ``y_N`` starts it: ``N + 1`` backward evaluations), and the result differs
+    from the exact gradient only through that reconstruction.
     """
     N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
     weights = [grid.forward_weights(i, order) for i in range(N)]
+    cached = len(states) > 1
+    y = states[-1]
     abar: dict[int, Tensor] = {N: grad_x0 * grid.alpha(N)}  # dL/dy_N
     g_cond: list = [None] * len(cond_in)
     g_par: list = [None] * len(params)
-    for m in tqdm(range(N - 1, -1, -1), desc="checkpoint", disable=not spec["progress"], leave=False):
+    eps_hist: list[Tensor] = []  # eps at nodes m+1, m+2, ... (backsolve)
+    if not cached:
+        with torch.no_grad():
+            eps_hist = [eps_at(N, y, cond_in)]
+    for m in tqdm(range(N - 1, -1, -1), desc=spec["mode"], disable=not spec["progress"], leave=False):
+        if cached:
+            y = states[m]
+        else:
+            y = y + sum(wj * e for wj, e in zip(grid.backward_weights(m, order), eps_hist))
         g = sum(weights[m + j][j] * abar[m + j + 1]
                 for j in range(order) if m + j < N and j < len(weights[m + j]))
-        _, v, uc, up = _vjp(eps_at, m, states[m], cond_in, cond_req, params, g)
+        eps, v, uc, up = _vjp(eps_at, m, y, cond_in, cond_req, params, g)
         g_cond, g_par = _add(g_cond, uc, 1.0), _add(g_par, up, 1.0)
         abar[m] = abar[m + 1] + v
         abar.pop(m + order + 1, None)
+        eps_hist = ([eps] + eps_hist)[:order]
         _check_finite(abar[m], m, grid)
     return abar[0] / grid.alpha(0), g_cond, g_par
 
@@ -273,7 +297,7 @@ def _backward_checkpoint(spec, grid: Grid, states, cond_in, cond_req, params, gr
 def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule,
            steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
            order: int = 1, grad: str | None = None, params: Sequence[Tensor] = (),
-           trajectory: str = "backsolve", spacing: str = "logsnr",
+           trajectory: str = "backsolve", scheme: str = "transpose", spacing: str = "logsnr",
            t_start: float | None = None, t_end: float | None = None,
            stats: SampleStats | None = None, progress: bool = False) -> Tensor:
     """Sample ``x_0`` by the reparameterized probability-flow ODE; optionally differentiable.
@@ -293,6 +317,12 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             ``trajectory="backsolve"``, or read the forward grid states with ``"cache"``),
             ``"checkpoint"`` (exact gradient of the discrete sampler, stores the N grid
             states) or ``"backprop"`` (autograd through the loop; memory grows with steps).
+        scheme: how ``grad="adjoint"`` discretizes the adjoint equations: ``"transpose"``
+            (the transpose of the forward step; on the exact trajectory it is the sampler's
+            exact gradient, so ``trajectory="cache"`` equals ``"checkpoint"``) or
+            ``"continuous"`` (their own exponential integrator with the Jacobian's scalar
+            part solved exactly: the ODE's gradient, O(N^-order) from the sampler's; the
+            more robust on stiff problems sampled in very few steps).
         params: tensors used inside eps_fn (weights, LoRA, embeddings) that should receive
             gradients; each must require grad.
         stats: a :class:`SampleStats` to fill with eps-evaluation counts.
@@ -306,6 +336,8 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     if trajectory not in TRAJECTORIES:
         raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if not isinstance(schedule, VPSchedule):
@@ -347,7 +379,9 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             y = solve(eps_checked, x_T / grid.alpha(0), grid, order, progress=progress)
         return y * grid.alpha(grid.steps)
 
-    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, n_cond=len(cond_tensors),
+    if grad == "checkpoint":
+        trajectory, scheme = "cache", "transpose"
+    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme, n_cond=len(cond_tensors),
                 params=params, progress=progress, eps_at_fwd=eps_fwd,
                 eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
     return _AdjointSampler.apply(spec, x_T, *cond_tensors, *params)

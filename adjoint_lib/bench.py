@@ -9,8 +9,10 @@
 For one loss ``L = |x_0 - target|^2 / B`` of one batch it measures, for each gradient mode
 
 ==================  =====================================================================
-``adjoint``         AdjointDPM, ``grad="adjoint"``, ``trajectory="backsolve"`` (O(1) memory)
-``adjoint-cache``   ``grad="adjoint"``, ``trajectory="cache"`` (stores the N grid states)
+``adjoint``         AdjointDPM, ``grad="adjoint"``, ``trajectory="backsolve"`` (O(1) memory),
+                    the default ``scheme="transpose"``
+``adjoint-cache``   the same on the stored grid states (``trajectory="cache"``): equals checkpoint
+``adjoint-cont``    ``scheme="continuous"`` with backsolve: the adjoint ODE's own integrator
 ``checkpoint``      ``grad="checkpoint"``: the exact gradient of the discrete sampler
 ``backprop``        ``grad="backprop"``: autograd through the sampling loop
 ``dopri5``          torchdiffeq ``odeint_adjoint`` (dopri5) on the raw (t, x) ODE, per tolerance
@@ -79,6 +81,8 @@ MODELS = ("toy2d", "mini", "sd-arch")
 MODES = {
     "adjoint": dict(grad="adjoint", trajectory="backsolve", label="adjoint (backsolve)"),
     "adjoint-cache": dict(grad="adjoint", trajectory="cache", label="adjoint (cached trajectory)"),
+    "adjoint-cont": dict(grad="adjoint", trajectory="backsolve", scheme="continuous",
+                         label="adjoint, continuous scheme (backsolve)"),
     "checkpoint": dict(grad="checkpoint", trajectory="backsolve", label="checkpoint (exact discrete)"),
     "backprop": dict(grad="backprop", trajectory="backsolve", label="backprop"),
     "dopri5": dict(grad=None, trajectory=None, label="torchdiffeq odeint_adjoint dopri5 (raw ODE)"),
@@ -310,6 +314,7 @@ def gradient(problem: Problem, mode: str, steps: int | None = None, order: int =
         spec = MODES[mode]
         x0 = sample(problem.eps_fn, x, problem.cond_arg(c), schedule=problem.schedule, steps=steps,
                     order=order, grad=spec["grad"], trajectory=spec["trajectory"],
+                    scheme=spec.get("scheme", "transpose"),
                     params=problem.params, stats=stats)
     problem.loss(x0).backward()
     out = {"x_T": x.grad.detach(), "cond": c.grad.detach(),
@@ -511,7 +516,7 @@ def run_job(job: dict) -> dict:
                 t0 = time.perf_counter()
                 try:
                     if kind == "sweep-adjoint":
-                        g = gradient(problem, "adjoint", v, order, stats=stats)
+                        g = gradient(problem, job.get("mode", "adjoint"), v, order, stats=stats)
                     else:
                         g = gradient(problem, "dopri5", rtol=v, stats=stats)
                 except AssertionError as e:  # torchdiffeq: underflow in dt / max steps
@@ -660,7 +665,9 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
         jobs += [dict(base, kind="profile", mode="checkpoint", steps=n, repeats=repeats, name=f"checkpoint_N{n}")
                  for n in steps]
     jobs.append(dict(base, kind="reference", steps=ref_steps, name=f"reference_N{ref_steps}"))
-    jobs.append(dict(base, kind="sweep-adjoint", values=sweep_steps, target=TARGET_ERROR, name="sweep_adjoint"))
+    for mode in ["adjoint"] + ([] if quick or "adjoint-cont" not in modes else ["adjoint-cont"]):
+        jobs.append(dict(base, kind="sweep-adjoint", mode=mode, values=sweep_steps, target=TARGET_ERROR,
+                         name=f"sweep_{mode}"))
     if "dopri5" in modes:
         jobs.append(dict(base, kind="sweep-dopri5", values=sweep_tols, target=TARGET_ERROR,
                          nfe_cap=d["nfe_cap"], name="sweep_dopri5"))
@@ -748,9 +755,9 @@ def _assemble(results: dict, jobs: list[dict], job_dir: Path, meta: dict, config
         r["errors"] = errs
         profiles.append(r)
     sweeps = {}
-    for name, kind in (("adjoint_order%d" % config["order"], "sweep-adjoint"), ("dopri5", "sweep-dopri5")):
-        job = next((j for j in jobs if j["kind"] == kind), None)
-        if job is not None and results.get(job["name"], {}).get("status") == "ok":
+    for job in jobs:
+        if job["kind"].startswith("sweep") and results.get(job["name"], {}).get("status") == "ok":
+            name = "dopri5" if job["kind"] == "sweep-dopri5" else f"{job['mode']}_order{config['order']}"
             sweeps[name] = results[job["name"]]["points"]
     res = dict(meta=meta, config=config, problem=info, reference=reference, profiles=profiles,
                sweeps=sweeps)
@@ -767,9 +774,10 @@ def _nfe_summary(sweeps: dict, config: dict) -> dict:
             xy = [(p["nfe"], p["errors"][metric] if metric == "max_rel" else p["errors"][metric]["rel"])
                   for p in pts if "errors" in p]
             row[name] = nfe_to_reach(xy, config["target_error"])
-        names = list(sweeps)
-        if len(names) == 2 and all(row[n] for n in names):
-            row["ratio_dopri5_over_adjoint"] = round(row["dopri5"]["nfe_interp"] / row[names[0]]["nfe_interp"], 2)
+        for name in sweeps:
+            if name != "dopri5" and row.get("dopri5") and row[name]:
+                key = "ratio_dopri5_over_" + name.split("_order")[0].replace("-", "_")
+                row[key] = round(row["dopri5"]["nfe_interp"] / row[name]["nfe_interp"], 2)
         out[metric] = row
     return out
 
@@ -845,7 +853,7 @@ def format_table(res: dict) -> str:
     nfe = res.get("nfe_to_accuracy", {})
     for metric in ("max_rel", "x_T"):
         row = nfe.get(metric, {})
-        parts = [f"{k}: {v['nfe_interp'] if v else 'not reached'}" for k, v in row.items() if k != "ratio_dopri5_over_adjoint"]
+        parts = [f"{k}: {v['nfe_interp'] if v else 'not reached'}" for k, v in row.items() if not k.startswith("ratio")]
         lines.append(f"NFE to rel. error {nfe.get('target')} ({metric}): " + ", ".join(parts)
                      + (f", ratio {row['ratio_dopri5_over_adjoint']}x" if "ratio_dopri5_over_adjoint" in row else ""))
     for k, v in res.get("checks", {}).items():
@@ -853,7 +861,8 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"adjoint": "C0", "adjoint-cache": "C1", "checkpoint": "C2", "backprop": "C3", "dopri5": "C4"}
+_COLORS = {"adjoint": "C0", "adjoint-cache": "C1", "checkpoint": "C2", "backprop": "C3", "dopri5": "C4",
+           "adjoint-cont": "C5"}
 
 
 def _series(res: dict, mode: str, fn: Callable[[dict], float | None]) -> tuple[list, list]:
@@ -983,9 +992,10 @@ def _plot_nfe(plt, res, where, _ticks):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, pts in res.get("sweeps", {}).items():
         ok = [p for p in pts if "errors" in p]
-        lbl = ("adjoint order 2, backsolve (N = " if name.startswith("adjoint") else "torchdiffeq dopri5 (rtol = ")
-        ax.plot([p["nfe"] for p in ok], [p["errors"]["max_rel"] for p in ok], "o-",
-                color=_COLORS["adjoint" if name.startswith("adjoint") else "dopri5"],
+        mode = name.split("_order")[0]
+        lbl = (f"{MODES[mode]['label']}, order 2 (N = " if mode in MODES and mode != "dopri5"
+               else "torchdiffeq dopri5 (rtol = ")
+        ax.plot([p["nfe"] for p in ok], [p["errors"]["max_rel"] for p in ok], "o-", color=_COLORS.get(mode, "C7"),
                 label=lbl + ", ".join(f"{p['value']:g}" for p in ok[:1]) + " .. "
                 + ", ".join(f"{p['value']:g}" for p in ok[-1:]) + ")")
     target = res["config"]["target_error"]

@@ -43,13 +43,13 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
         if mode == "backprop":
             assert p["errors"]["vs_discrete"]["x_T"]["rel"] < 1e-4
     assert set(res["sweeps"]) == {"adjoint_order2", "dopri5"}
-    assert [p["nfe"] for p in res["sweeps"]["adjoint_order2"]] == [9, 17, 33]  # 2N + 1 (vjp at rho_0)
+    assert [p["nfe"] for p in res["sweeps"]["adjoint_order2"]] == [9, 17, 33]  # 2N + 1 (eps at y_N)
     assert res["reference"]["steps"] == 40 and "self_check" in res["reference"]
     table = bench.format_table(res)
     assert "adjoint" in table and "dopri5" in table and "NFE to rel. error" in table
 
 
-@pytest.mark.parametrize("mode,fwd,bwd", [("adjoint", 6, 7), ("adjoint-cache", 6, 7),
+@pytest.mark.parametrize("mode,fwd,bwd", [("adjoint", 6, 7), ("adjoint-cache", 6, 6), ("adjoint-cont", 6, 7),
                                           ("checkpoint", 6, 6), ("backprop", 6, 0)])
 def test_nfe_counts(toy, mode, fwd, bwd):
     stats = bench.SampleStats()

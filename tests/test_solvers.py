@@ -92,7 +92,8 @@ def test_sample_bad_input():
     model = GaussianEps(s)
     x = torch.randn(2, 3)
     for kwargs in [dict(steps=5, order=4), dict(steps=5, grad="magic"), dict(), dict(steps=5, timesteps=[5.0]),
-                   dict(timesteps=[3.0, 8.0]), dict(steps=5, trajectory="disk")]:
+                   dict(timesteps=[3.0, 8.0]), dict(steps=5, trajectory="disk"),
+                   dict(steps=5, grad="adjoint", scheme="exact")]:
         with pytest.raises(ValueError):
             adjoint_lib.sample(model, x, schedule=s, **kwargs)
     with pytest.raises(ValueError, match="shaped like x"):

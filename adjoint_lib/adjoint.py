@@ -39,7 +39,8 @@ SCHEMES = ("transpose", "continuous")
 @dataclass
 class SampleStats:
     """Cost of one ``sample()`` call: eps evaluations forward and backward (filled in as
-    the forward and backward passes run)."""
+    the forward and backward passes run); with ``grad="adjoint"`` and backsolve,
+    ``extra["backsolve_error"]`` is the relative error of the re-solved ``x_T``."""
 
     mode: str | None = None
     steps: int = 0
@@ -116,21 +117,25 @@ class _AdjointSampler(torch.autograd.Function):
                     on_state=(lambda i, y: states.append(y)) if keep else None,
                     progress=spec["progress"])
         ctx.spec = spec
-        ctx.save_for_backward(*(states if keep else [y_N]), *cond_tensors)
+        # backsolve: x_T too, to measure how well the backward pass re-solves the trajectory
+        ctx.save_for_backward(*(states if keep else [y_N]), *cond_tensors, *([] if keep else [x_T]))
         return y_N * grid.alpha(grid.steps)
 
     @staticmethod
     def backward(ctx, grad_x0: Tensor):  # type: ignore[override]
         spec = ctx.spec
         n_cond, grid = spec["n_cond"], spec["grid"]
-        saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        x_T = saved.pop() if spec["trajectory"] == "backsolve" else None
         states, cond_saved = saved[:len(saved) - n_cond], saved[len(saved) - n_cond:]
         params: tuple[Tensor, ...] = spec["params"]
         cond_req = [ctx.needs_input_grad[2 + j] for j in range(n_cond)]
         cond_in = [c.detach().requires_grad_(r) for c, r in zip(cond_saved, cond_req)]
         run = _backward_continuous if spec["scheme"] == "continuous" else _backward_transpose
         with torch.enable_grad():
-            g_xT, g_cond, g_par = run(spec, grid, states, cond_in, cond_req, params, grad_x0)
+            g_xT, g_cond, g_par, y_0 = run(spec, grid, states, cond_in, cond_req, params, grad_x0)
+        if x_T is not None:
+            _check_backsolve(y_0, x_T / grid.alpha(0), spec["stats"])
         unused = [j for j, g in enumerate(g_par) if g is None]
         if unused:
             raise ValueError(f"params{unused} are never used by eps_fn: they would get no gradient")
@@ -237,7 +242,22 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
         _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
         nodes[0] = (v, a, uc, up)
         close_interval(0)
-    return a / grid.alpha(0), g_cond, g_par
+    return a / grid.alpha(0), g_cond, g_par, y
+
+
+BACKSOLVE_WARN = 0.5
+
+
+def _check_backsolve(y_0: Tensor, y_0_true: Tensor, stats: SampleStats) -> None:
+    """Record ``|y_0 re-solved - x_T / alpha_0| / |x_T / alpha_0|`` in ``stats.extra["backsolve_error"]``
+    and warn when the backward pass lost the trajectory (its gradients may then be inaccurate)."""
+    err = float((y_0 - y_0_true).norm() / y_0_true.norm().clamp_min(1e-30))
+    stats.extra["backsolve_error"] = err
+    if not err <= BACKSOLVE_WARN:
+        warnings.warn(f"the adjoint's backsolve lost the trajectory: the re-solved x_T is off by more than "
+                      f"{BACKSOLVE_WARN:.0%} (SampleStats.extra['backsolve_error']), so the gradients, that of "
+                      "x_T most, may be inaccurate; more steps, trajectory='cache' or grad='checkpoint' avoid it",
+                      RuntimeWarning, stacklevel=2)
 
 
 MU_MAX = 10.0
@@ -290,7 +310,7 @@ def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, gra
         abar.pop(m + order + 1, None)
         eps_hist = ([eps] + eps_hist)[:order]
         _check_finite(abar[m], m, grid)
-    return abar[0] / grid.alpha(0), g_cond, g_par
+    return abar[0] / grid.alpha(0), g_cond, g_par, y
 
 
 # ------------------------------------------------------------------------- entry point
@@ -358,6 +378,7 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
     stats = stats if stats is not None else SampleStats()
     stats.mode, stats.steps, stats.order = grad, grid.steps, order
     stats.nfe_forward = stats.nfe_backward = 0
+    stats.extra.pop("backsolve_error", None)
     eps_fwd = _eps_caller(eps_fn, grid, rebuild, stats, "nfe_forward")
 
     if grad is None:
@@ -381,7 +402,7 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
 
     if grad == "checkpoint":
         trajectory, scheme = "cache", "transpose"
-    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme, n_cond=len(cond_tensors),
+    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme, n_cond=len(cond_tensors), stats=stats,
                 params=params, progress=progress, eps_at_fwd=eps_fwd,
                 eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
     return _AdjointSampler.apply(spec, x_T, *cond_tensors, *params)

@@ -1,4 +1,6 @@
 """The gradient engine: adjoint vs checkpoint vs backprop vs closed forms and finite differences."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,33 @@ def test_transpose_scheme_is_the_discrete_gradient_up_to_backsolve(guided_proble
     cont = guided_problem("adjoint", 20, order, scheme="continuous")
     for a, b, c in zip(back[:3], cont[:3], ref[:3]):
         assert rel(a, c) < 0.5 * rel(b, c), (rel(a, c), rel(b, c))
+
+
+def test_backsolve_error_is_reported_and_warned():
+    """The backward pass re-solves x_T; its error is recorded, and a lost trajectory warns."""
+    from adjoint_lib import toy2d
+    model, schedule = toy2d.load_toy("ring")
+    model = model.double()
+    uncond = torch.zeros(1, model.cond_dim, dtype=torch.float64)
+    x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for steps in (3, 40):
+        for scheme in adjoint_lib.SCHEMES:
+            x, stats = x_T.clone().requires_grad_(), adjoint_lib.SampleStats()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                x0 = adjoint_lib.sample(model, x, uncond, schedule=schedule, steps=steps, order=2,
+                                        grad="adjoint", scheme=scheme, stats=stats)
+                (x0 ** 2).sum().backward()
+            lost = [w for w in caught if "backsolve lost the trajectory" in str(w.message)]
+            errors[steps, scheme] = stats.extra["backsolve_error"]
+            assert bool(lost) == (errors[steps, scheme] > adjoint_lib.adjoint.BACKSOLVE_WARN)
+    assert errors[3, "transpose"] > 0.5 and errors[40, "transpose"] < 0.05, errors
+    stats = adjoint_lib.SampleStats()
+    x = x_T.clone().requires_grad_()
+    (adjoint_lib.sample(model, x, uncond, schedule=schedule, steps=4, order=2, grad="adjoint",
+                        trajectory="cache", stats=stats) ** 2).sum().backward()
+    assert "backsolve_error" not in stats.extra
 
 
 @pytest.mark.parametrize("scheme", adjoint_lib.SCHEMES)

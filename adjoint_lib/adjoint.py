@@ -171,6 +171,21 @@ def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
                                  f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
 
 
+BACKSOLVE_WARN = 0.5
+
+
+def _check_backsolve(y_0: Tensor, y_0_true: Tensor, stats: SampleStats) -> None:
+    """Record ``|y_0 re-solved - x_T / alpha_0| / |x_T / alpha_0|`` in ``stats.extra["backsolve_error"]``
+    and warn when the backward pass lost the trajectory (its gradients may then be inaccurate)."""
+    err = float((y_0 - y_0_true).norm() / y_0_true.norm().clamp_min(1e-30))
+    stats.extra["backsolve_error"] = err
+    if not err <= BACKSOLVE_WARN:
+        warnings.warn(f"the adjoint's backsolve lost the trajectory: the re-solved x_T is off by more than "
+                      f"{BACKSOLVE_WARN:.0%} (SampleStats.extra['backsolve_error']), so the gradients, that of "
+                      "x_T most, may be inaccurate; more steps, trajectory='cache' or grad='checkpoint' avoid it",
+                      RuntimeWarning, stacklevel=2)
+
+
 def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
     """``scheme="continuous"``: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
@@ -243,21 +258,6 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
         nodes[0] = (v, a, uc, up)
         close_interval(0)
     return a / grid.alpha(0), g_cond, g_par, y
-
-
-BACKSOLVE_WARN = 0.5
-
-
-def _check_backsolve(y_0: Tensor, y_0_true: Tensor, stats: SampleStats) -> None:
-    """Record ``|y_0 re-solved - x_T / alpha_0| / |x_T / alpha_0|`` in ``stats.extra["backsolve_error"]``
-    and warn when the backward pass lost the trajectory (its gradients may then be inaccurate)."""
-    err = float((y_0 - y_0_true).norm() / y_0_true.norm().clamp_min(1e-30))
-    stats.extra["backsolve_error"] = err
-    if not err <= BACKSOLVE_WARN:
-        warnings.warn(f"the adjoint's backsolve lost the trajectory: the re-solved x_T is off by more than "
-                      f"{BACKSOLVE_WARN:.0%} (SampleStats.extra['backsolve_error']), so the gradients, that of "
-                      "x_T most, may be inaccurate; more steps, trajectory='cache' or grad='checkpoint' avoid it",
-                      RuntimeWarning, stacklevel=2)
 
 
 MU_MAX = 10.0
@@ -402,7 +402,7 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
 
     if grad == "checkpoint":
         trajectory, scheme = "cache", "transpose"
-    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme, n_cond=len(cond_tensors), stats=stats,
-                params=params, progress=progress, eps_at_fwd=eps_fwd,
+    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme,
+                n_cond=len(cond_tensors), stats=stats, params=params, progress=progress, eps_at_fwd=eps_fwd,
                 eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
     return _AdjointSampler.apply(spec, x_T, *cond_tensors, *params)

@@ -3,8 +3,12 @@
 ::
 
     python -m adjoint_lib.bench --model toy2d --device cpu            # full grid
-    python -m adjoint_lib.bench --model mini --device cpu --quick     # reduced grid (CI)
+    python -m adjoint_lib.bench --model mini --device cpu --quick     # smoke-test grid
     python -m adjoint_lib.bench --model sd-arch --device cuda         # SD 1.x UNet, random weights
+
+``--quick`` runs a reduced grid in-process, without the continuous scheme's rows (and, for
+``sd-arch``, at ``size="tiny"`` and without dopri5): about 35 s for toy2d, 75 s for mini and
+100 s for sd-arch on one CPU thread.
 
 For one loss ``L = |x_0 - target|^2 / B`` of one batch it measures, for each gradient mode
 
@@ -105,15 +109,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  sweep_steps=[3, 4, 5, 6, 8, 10, 14, 20, 30, 50, 70, 100],
                  sweep_tols=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5],
                  nfe_cap=3000,
-                 quick=dict(batch=2, steps=[5, 10], tols=[1e-2], ref_steps=100,
-                            sweep_steps=[3, 5, 8], sweep_tols=[1e-1, 1e-2], nfe_cap=600)),
+                 quick=dict(batch=2, steps=[5, 10], tols=[1e-1], ref_steps=50,
+                            sweep_steps=[3, 5, 8], sweep_tols=[1e-1], nfe_cap=600)),
     "sd-arch": dict(batch=1, guidance=7.5, ref_steps=500,
                     steps=[5, 10, 20, 50, 100], tols=[1e-2, 1e-3],
                     sweep_steps=[4, 6, 8, 10, 14, 20, 30, 50],
                     sweep_tols=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4],
                     nfe_cap=3000,
-                    quick=dict(steps=[5, 10], tols=[1e-2], ref_steps=100,
-                               sweep_steps=[4, 8], sweep_tols=[1e-1, 1e-2], nfe_cap=600)),
+                    # dopri5 on the raw ODE of a random SD UNet takes minutes even at rtol 0.1
+                    quick=dict(size="tiny", modes=["adjoint", "adjoint-cache", "checkpoint", "backprop"],
+                               steps=[5, 10], tols=[1e-1], ref_steps=50,
+                               sweep_steps=[4, 8], sweep_tols=[1e-1], nfe_cap=600)),
 }
 
 
@@ -159,7 +165,8 @@ def sd_unet_config(size: str = "full") -> dict:
     """Stable Diffusion 1.x ``UNet2DConditionModel`` config (block widths 320/640/1280/1280,
     2 layers per block, cross-attention dim 768, 8 heads, 64x64x4 latents). ``size="reduced"``
     keeps the block structure, cross-attention dim and heads but uses widths 32/64/128/128
-    and 16x16 latents (a CPU-sized profile of the same architecture)."""
+    and 16x16 latents (a CPU-sized profile of the same architecture); ``size="tiny"`` (the
+    ``--quick`` smoke test) widths 32/32/64/64 and 8x8 latents."""
     cfg = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                block_out_channels=(320, 640, 1280, 1280),
                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -167,8 +174,10 @@ def sd_unet_config(size: str = "full") -> dict:
                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
     if size == "reduced":
         cfg.update(sample_size=16, block_out_channels=(32, 64, 128, 128))
+    elif size == "tiny":
+        cfg.update(sample_size=8, block_out_channels=(32, 32, 64, 64))
     elif size != "full":
-        raise ValueError(f"size must be 'full' or 'reduced', got {size!r}")
+        raise ValueError(f"size must be 'full', 'reduced' or 'tiny', got {size!r}")
     return cfg
 
 
@@ -189,7 +198,7 @@ def build_problem(model: str = "toy2d", device: str = "cpu", batch: int | None =
       weights = all UNet parameters. ``weights``: another MiniSD folder (default ``data/mini``).
     * ``sd-arch``: the SD 1.x UNet architecture with random weights (:func:`sd_unet_config`),
       latents (B, 4, 64, 64) and embeddings (B, 77, 768) with guidance; ``size="reduced"``
-      (the default on CPU) shrinks widths and latents. Weights = all UNet parameters.
+      (the default on CPU) and ``"tiny"`` shrink widths and latents. Weights = all UNet parameters.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -627,7 +636,8 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
     d = dict(DEFAULTS[model])
     if quick:
         d.update(d["quick"])
-    modes = list(modes or MODES)
+    # --quick leaves out the continuous scheme's rows (and sd-arch's dopri5); ask with modes=
+    modes = list(modes or d.get("modes") or [m for m in MODES if not (quick and m == "adjoint-cont")])
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown modes {bad}; choose from {list(MODES)}")
@@ -641,6 +651,7 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
     if isolate not in ("process", "none"):
         raise ValueError(f"isolate must be 'process' or 'none', got {isolate!r}")
     batch = batch or d["batch"]
+    size = size or d.get("size")
     problem_cfg = dict(model=model, device=device, batch=batch, guidance=guidance, size=size,
                        seed=seed, dtype=dtype, weights=None if weights is None else str(weights))
     tag = f"{model}_{device.split(':')[0]}"
@@ -1027,14 +1038,15 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=MODELS, default="toy2d")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:0, ...)")
-    ap.add_argument("--quick", action="store_true", help="reduced grid (< 2 minutes on CPU for toy2d), in-process")
+    ap.add_argument("--quick", action="store_true", help="reduced grid, in-process: a smoke test (< 2 minutes on CPU for each model)")
     ap.add_argument("--steps", type=int, nargs="+", help="sampling steps N (default 5 10 20 50 100)")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="gradient modes (default: all)")
     ap.add_argument("--tols", type=float, nargs="+", help="dopri5 tolerances profiled (rtol = atol)")
     ap.add_argument("--order", type=int, default=2, help="solver order of the library modes (default 2)")
     ap.add_argument("--batch", type=int, help="batch size (default per model)")
     ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default per model)")
-    ap.add_argument("--size", choices=("full", "reduced"), help="sd-arch size (default: full on cuda, reduced on cpu)")
+    ap.add_argument("--size", choices=("full", "reduced", "tiny"),
+                    help="sd-arch size (default: tiny with --quick, else full on cuda, reduced on cpu)")
     ap.add_argument("--repeats", type=int, default=3, help="timed gradients per configuration (median; >= 3)")
     ap.add_argument("--ref-steps", type=int, help="steps of the converged checkpoint reference (default 500)")
     ap.add_argument("--sweep-steps", type=int, nargs="+", help="N of the order-2 adjoint accuracy sweep")

@@ -32,7 +32,7 @@ def test_quick_bench_end_to_end(tmp_path, monkeypatch):
         png = folder / f"{name}.png"
         assert png.exists() and png.stat().st_size < 200_000
     rows = {(p["mode"], p["steps"] or p["rtol"]): p for p in res["profiles"]}
-    assert set(m for m, _ in rows) == set(bench.MODES)
+    assert set(m for m, _ in rows) == set(bench.MODES) - {"adjoint-cont"}  # --quick leaves it out
     for (mode, n), p in rows.items():
         assert p["status"] == "ok"
         assert len(p["times_s"]) == 3 and p["time_s"] > 0
@@ -105,6 +105,21 @@ def test_isolated_job_in_subprocess(tmp_path):
     assert (r["nfe_forward"], r["nfe_backward"]) == (5, 0)
     assert r["saved_peak_bytes"] > 0 and r["memory_method"]
     assert set(torch.load(job["grads_path"])) == {"x_T", "cond", "weights"}
+
+
+def test_sd_arch_tiny_profile_keeps_the_architecture():
+    """The --quick sd-arch profile: SD 1.x block structure, 77x768 conditioning, 8x8 latents."""
+    torch.set_num_threads(1)
+    p = bench.build_problem("sd-arch", size="tiny")
+    net = p.eps_fn.unet
+    assert [type(b).__name__ for b in net.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert net.config.cross_attention_dim == 768 and p.info["size"] == "tiny"
+    assert p.x_T.shape == (1, 4, 8, 8) and p.cond.shape == (1, 77, 768)
+    stats = bench.SampleStats()
+    g = bench.gradient(p, "checkpoint", steps=2, stats=stats)
+    assert (stats.nfe_forward, stats.nfe_backward) == (2, 2)
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in g.values())
+    assert bench.DEFAULTS["sd-arch"]["quick"]["size"] == "tiny"
 
 
 def test_bad_arguments():

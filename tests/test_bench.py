@@ -144,3 +144,27 @@ def test_meter_frees_graphs_kept_by_retain_graph():
             torch.autograd.grad((y * w).sum(), x, retain_graph=True)
             del y
     assert meter.alive_bytes == 0 and meter.peak_bytes > 0
+
+
+def test_eps_roughness_tells_smooth_from_oscillating_time_dependence():
+    """eps = 0.1 x cos(t/200) + a sin(t) c: the second difference per h^2 is the same at
+    every spacing without the 1-rad-per-timestep term (a = 0) and grows as h shrinks with it;
+    for the smooth part it matches the analytic second derivative."""
+    from adjoint_lib.toy2d import toy_schedule
+
+    def problem(a):
+        def eps_fn(x, t, c):
+            t = t.to(x.dtype)[:, None]
+            return 0.1 * x * torch.cos(t / 200) + a * torch.sin(t) * c
+        x_T = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        return bench.Problem(eps_fn, toy_schedule(), x_T, torch.ones(16, 2, dtype=torch.float64), None,
+                             [], torch.zeros_like(x_T))
+
+    smooth = bench.eps_roughness(problem(0.0), 300.0, (0.5, 4.0, 16.0))
+    assert max(smooth.values()) / min(smooth.values()) < 1.01
+    e = bench.eps_along_t(problem(0.0), 300.0, [0.0])[0]  # = 0.1 x cos(1.5): d2/dt2 = -e / 200^2
+    assert abs(smooth[0.5] / float(e.pow(2).mean().sqrt() / 200 ** 2) - 1) < 1e-3
+    wiggly = bench.eps_roughness(problem(1e-3), 300.0, (0.5, 4.0, 16.0))
+    assert wiggly[0.5] > 10 * wiggly[16.0]
+    with pytest.raises(ValueError, match="t_center"):
+        bench.eps_along_t(problem(0.0), 2000.0, [0.0])

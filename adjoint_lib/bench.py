@@ -181,13 +181,29 @@ def sd_unet_config(size: str = "full") -> dict:
     return cfg
 
 
+def drop_time_frequencies(unet: torch.nn.Module, k: int) -> list[int]:
+    """Drop the ``k`` fastest of a diffusers UNet's sinusoidal timestep features (frequencies
+    ``max_period^(-i / (half - shift))`` per timestep, ``i < k``; columns ``i`` and ``half + i``
+    of ``time_proj``'s output, zeroed by a forward hook): a diagnostic variant whose eps no
+    longer oscillates in t on the scale of ``2 pi`` timesteps (:func:`eps_roughness`), and whose
+    weight gradients no longer integrate those features. Returns the dropped columns."""
+    half = unet.time_proj.num_channels // 2
+    if not 0 <= k <= half:
+        raise ValueError(f"drop_time_freqs must be in [0, {half}], got {k}")
+    cols = list(range(k)) + [half + i for i in range(k)]
+    keep = torch.ones(2 * half)
+    keep[cols] = 0.0
+    unet.time_proj.register_forward_hook(lambda mod, args, out: out * keep.to(out))
+    return cols
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def build_problem(model: str = "toy2d", device: str = "cpu", batch: int | None = None,
                   guidance: float | None = None, size: str | None = None, seed: int = 0,
-                  dtype: str = "float32", weights: str | None = None) -> Problem:
+                  dtype: str = "float32", weights: str | None = None, drop_time_freqs: int = 0) -> Problem:
     """Build the benchmark problem for ``model`` (deterministic given ``seed``).
 
     * ``toy2d``: the shipped class-conditional 2-D MLP (``data/toy2d/ring``; a freshly
@@ -199,6 +215,8 @@ def build_problem(model: str = "toy2d", device: str = "cpu", batch: int | None =
     * ``sd-arch``: the SD 1.x UNet architecture with random weights (:func:`sd_unet_config`),
       latents (B, 4, 64, 64) and embeddings (B, 77, 768) with guidance; ``size="reduced"``
       (the default on CPU) and ``"tiny"`` shrink widths and latents. Weights = all UNet parameters.
+
+    ``drop_time_freqs=k`` (UNet models): :func:`drop_time_frequencies` on the loaded UNet.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -285,6 +303,11 @@ def build_problem(model: str = "toy2d", device: str = "cpu", batch: int | None =
         info["description"] = (f"SD 1.x UNet architecture ({size}: widths {cfg['block_out_channels']}, "
                                f"{sum(p.numel() / 1e6 for p in net.parameters()):.1f}M params), "
                                f"latents {batch}x4x{hw}x{hw}, embeddings 77x768, guidance {guidance}")
+    if drop_time_freqs:
+        if model == "toy2d":
+            raise ValueError("drop_time_freqs applies to the UNet models (mini, sd-arch)")
+        info["drop_time_freqs"] = drop_time_frequencies(net, drop_time_freqs)
+        info["description"] += f", its {drop_time_freqs} fastest timestep frequencies dropped"
     params = [p.requires_grad_(True) for p in net.parameters()]
     info["n_params"] = sum(p.numel() for p in params)
     to = dict(device=dev, dtype=dt)
@@ -636,6 +659,11 @@ def _meta(device: str, threads: int) -> dict:
     return meta
 
 
+def run_tag(model: str, device: str, drop_time_freqs: int = 0) -> str:
+    """Results folder name: ``<model>[-drop<k>]_<device type>``, e.g. ``mini_cpu``."""
+    return f"{model}{f'-drop{drop_time_freqs}' if drop_time_freqs else ''}_{device.split(':')[0]}"
+
+
 def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False,
                   steps: Sequence[int] | None = None, modes: Sequence[str] | None = None,
                   tols: Sequence[float] | None = None, order: int = 2, batch: int | None = None,
@@ -645,7 +673,7 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
                   isolate: str | None = None, out: str | Path | None = None, resume: bool = False,
                   seed: int = 0, dtype: str = "float32", plots: bool = True,
                   progress: bool = True, command: str | None = None,
-                  weights: str | Path | None = None) -> dict:
+                  weights: str | Path | None = None, drop_time_freqs: int = 0) -> dict:
     """Run the benchmark and write ``<out>/<model>_<device>/results.json`` (+ PNGs).
 
     ``isolate="process"`` (default for the full grid) runs each configuration in a fresh
@@ -683,7 +711,9 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
     size = size or d.get("size")
     problem_cfg = dict(model=model, device=device, batch=batch, guidance=guidance, size=size,
                        seed=seed, dtype=dtype, weights=None if weights is None else str(weights))
-    tag = f"{model}_{device.split(':')[0]}"
+    if drop_time_freqs:  # only when set, so that earlier runs' job keys stay valid for --resume
+        problem_cfg["drop_time_freqs"] = int(drop_time_freqs)
+    tag = run_tag(model, device, drop_time_freqs)
     out_dir = Path(out) if out is not None else outputs_dir("bench")
     out_dir = out_dir / tag
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1089,6 +1119,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--weights", help="mini: MiniSD folder to load (default data/mini)")
+    ap.add_argument("--drop-time-freqs", type=int, default=0, metavar="K",
+                    help="mini/sd-arch: zero the time-embedding input of the K fastest timestep "
+                         "frequencies (a diagnostic model whose eps is smooth in t)")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
     res = run_benchmark(model=a.model, device=a.device, quick=a.quick, steps=a.steps, modes=a.modes,
@@ -1096,10 +1129,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                         repeats=a.repeats, ref_steps=a.ref_steps, sweep_steps=a.sweep_steps,
                         sweep_tols=a.sweep_tols, threads=a.threads, isolate=a.isolate, out=a.out,
                         resume=a.resume, seed=a.seed, dtype=a.dtype, plots=not a.no_plots,
-                        command="python -m adjoint_lib.bench " + " ".join(argv), weights=a.weights)
+                        command="python -m adjoint_lib.bench " + " ".join(argv), weights=a.weights,
+                        drop_time_freqs=a.drop_time_freqs)
     print(format_table(res))
     out = Path(a.out) if a.out else outputs_dir("bench")
-    print(f"wrote {out / (a.model + '_' + a.device.split(':')[0])}/results.json and PNGs")
+    print(f"wrote {out / run_tag(a.model, a.device, a.drop_time_freqs)}/results.json and PNGs")
     return res
 
 

@@ -168,3 +168,26 @@ def test_eps_roughness_tells_smooth_from_oscillating_time_dependence():
     assert wiggly[0.5] > 10 * wiggly[16.0]
     with pytest.raises(ValueError, match="t_center"):
         bench.eps_along_t(problem(0.0), 2000.0, [0.0])
+
+
+def test_dropping_the_fastest_time_frequencies_smooths_minisd():
+    """MiniSD's eps oscillates in t (period ~2 pi timesteps); without its two fastest timestep
+    features it is smooth, and the time-embedding weights reading them get exactly zero gradient."""
+    torch.set_num_threads(1)
+    ratio = {}
+    for k in (0, 2):
+        p = bench.build_problem("mini", batch=2, drop_time_freqs=k)
+        r = bench.eps_roughness(p, 100.0, (0.25, 16.0))
+        ratio[k] = r[0.25] / r[16.0]
+    assert ratio[0] > 20 and ratio[2] < 3, ratio
+    assert p.info["drop_time_freqs"] == [0, 1, 8, 9]
+    g = bench.gradient(p, "checkpoint", steps=3)
+    names = [n for n, _ in p.eps_fn.unet.named_parameters()]
+    start = sum(q.numel() for q in p.params[:names.index("time_embedding.linear_1.weight")])
+    w = p.eps_fn.unet.time_embedding.linear_1.weight
+    gw = g["weights"][start:start + w.numel()].view(w.shape)
+    assert gw[:, [0, 1, 8, 9]].abs().max() == 0 and gw[:, [2, 3]].abs().max() > 0
+    with pytest.raises(ValueError, match="drop_time_freqs"):
+        bench.build_problem("toy2d", drop_time_freqs=1)
+    with pytest.raises(ValueError, match="drop_time_freqs"):
+        bench.drop_time_frequencies(p.eps_fn.unet, 9)

@@ -674,7 +674,7 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
                   seed: int = 0, dtype: str = "float32", plots: bool = True,
                   progress: bool = True, command: str | None = None,
                   weights: str | Path | None = None, drop_time_freqs: int = 0) -> dict:
-    """Run the benchmark and write ``<out>/<model>_<device>/results.json`` (+ PNGs).
+    """Run the benchmark and write ``<out>/<run_tag>/results.json`` (+ PNGs), e.g. ``mini_cpu``.
 
     ``isolate="process"`` (default for the full grid) runs each configuration in a fresh
     subprocess; ``"none"`` (default with ``quick``) runs everything in this process (same

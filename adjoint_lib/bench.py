@@ -881,7 +881,8 @@ def _checks(res: dict) -> dict:
             checks["adjoint_time_over_backprop_N20"]["cpu_time_ratio"] = round(a20["cpu_time_s"] / b20["cpu_time_s"], 2)
     if a20 and "vs_discrete" in a20["errors"]:
         c = a20["errors"]["vs_discrete"]["x_T"]["cos"]
-        checks["adjoint_order2_N20_cosine_x_T_vs_discrete"] = dict(
+        order = res.get("config", {}).get("order", 2)
+        checks[f"adjoint_order{order}_N20_cosine_x_T_vs_discrete"] = dict(
             value=round(c, 6), cond=round(a20["errors"]["vs_discrete"]["cond"]["cos"], 6),
             weights=round(a20["errors"]["vs_discrete"]["weights"]["cos"], 6), criterion=">= 0.999", passed=c >= 0.999)
     nfe = res.get("nfe_to_accuracy", {}).get("max_rel", {})

@@ -389,11 +389,21 @@ def eps_roughness(problem: Problem, t_center: float,
     """RMS second difference of eps in t, ``|eps(t+h) - 2 eps(t) + eps(t-h)| / h^2`` per spacing
     ``h`` (:func:`eps_along_t`). For eps smooth in t it is the same at every h; growing as h
     shrinks it shows oscillation on the scale of h, which no step size above h resolves."""
-    out = {}
-    for h in spacings:
-        e = eps_along_t(problem, t_center, [-h, 0.0, h])
-        out[float(h)] = float(((e[0] - 2 * e[1] + e[2]) / h ** 2).double().pow(2).mean().sqrt())
-    return out
+    hs = [float(h) for h in spacings]
+    e = eps_along_t(problem, t_center, [0.0] + [s * h for h in hs for s in (-1.0, 1.0)])  # one trajectory
+    return {h: float(((e[1 + 2 * j] - 2 * e[0] + e[2 + 2 * j]) / h ** 2).double().pow(2).mean().sqrt())
+            for j, h in enumerate(hs)}
+
+
+def weight_slice(net: torch.nn.Module, name: str) -> slice:
+    """Where parameter ``name`` of ``net`` lies in the flattened ``"weights"`` gradient of
+    :func:`gradient` (the problem's params are ``net.parameters()``, in order)."""
+    start = 0
+    for n, p in net.named_parameters():
+        if n == name:
+            return slice(start, start + p.numel())
+        start += p.numel()
+    raise KeyError(f"{type(net).__name__} has no parameter {name!r}")
 
 
 def grad_errors(g: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, dict[str, float]]:

@@ -72,14 +72,23 @@ class VPSchedule:
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
-    def _as64(t: Any) -> tuple[Tensor, torch.dtype]:
+    def _as64(t: Any, name: str = "t") -> tuple[Tensor, torch.dtype]:
+        """``t`` in float64 (on the CPU for devices without float64, e.g. MPS) and the dtype
+        to return; NaN input is refused naming the argument."""
         t = torch.as_tensor(t)
         out = t.dtype if t.is_floating_point() else torch.get_default_dtype()
-        return t.to(torch.float64), out
+        if t.device.type == "mps":
+            t = t.cpu()
+        t = t.to(torch.float64)
+        if bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} contains NaN")
+        return t, out
 
     @staticmethod
     def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
-        """Piecewise-linear interpolation with linear extrapolation (xp increasing)."""
+        """Piecewise-linear interpolation with linear extrapolation (xp increasing; the tables
+        follow ``x``'s device)."""
+        xp, fp = xp.to(x.device), fp.to(x.device)
         idx = torch.searchsorted(xp, x.detach().clamp(xp[0], xp[-1])).clamp(1, xp.numel() - 1)
         x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
         return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
@@ -93,8 +102,9 @@ class VPSchedule:
     def dlog_alpha_dt(self, t: Any) -> Tensor:
         """``d log alpha / dt``: the slope of the interpolation segment containing t."""
         t64, dt = self._as64(t)
-        idx = torch.searchsorted(self._t, t64.detach().clamp(self.t_min, self.t_max)).clamp(1, self._t.numel() - 1)
-        return (self._log_alpha[idx] - self._log_alpha[idx - 1]).to(dt)
+        tt, la = self._t.to(t64.device), self._log_alpha.to(t64.device)
+        idx = torch.searchsorted(tt, t64.detach().clamp(self.t_min, self.t_max)).clamp(1, tt.numel() - 1)
+        return (la[idx] - la[idx - 1]).to(dt)
 
     def alpha(self, t: Any) -> Tensor:
         """``alpha_t = sqrt(alphabar_t)``."""
@@ -121,7 +131,7 @@ class VPSchedule:
     def t_of_lambda(self, lam: Any) -> Tensor:
         """Inverse of ``lambda_(t)``: ``log alpha = -softplus(-2 lambda)/2``, then invert the
         piecewise-linear ``log alpha(t)``. Clamped to ``[t_min, t_max]``."""
-        lam64, dt = self._as64(lam)
+        lam64, dt = self._as64(lam, "lambda")
         log_alpha = -0.5 * torch.nn.functional.softplus(-2.0 * lam64)
         # log_alpha decreases with t: interpolate on the reversed (increasing) arrays.
         t = self._interp(log_alpha, self._log_alpha.flip(0), self._t.flip(0))
@@ -129,7 +139,9 @@ class VPSchedule:
 
     def t_of_rho(self, rho: Any) -> Tensor:
         """Inverse of ``rho(t)`` (``lambda = -log rho``). Clamped to ``[t_min, t_max]``."""
-        rho64, dt = self._as64(rho)
+        rho64, dt = self._as64(rho, "rho")
+        if bool((rho64 < 0).any()):
+            raise ValueError(f"rho must be >= 0 (rho = sigma / alpha), got min {float(rho64.min()):.3g}")
         return self.t_of_lambda(-torch.log(rho64)).to(dt)
 
     @staticmethod

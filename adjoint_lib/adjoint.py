@@ -74,6 +74,23 @@ def _pack_cond(cond: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], An
                     f"got {type(cond).__name__}")
 
 
+def _unique_params(params: Sequence[Tensor], cond_tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``params`` without repeats and without the tensors already in ``cond`` (those receive
+    their gradient as conditioning), each checked to require grad."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a sequence of tensors (e.g. list(module.parameters())), got a tensor")
+    seen = {id(c) for c in cond_tensors}
+    out = []
+    for j, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.requires_grad:
+            raise ValueError(f"params[{j}] does not require grad: it would never receive a "
+                             "gradient (call .requires_grad_() or leave it out of params)")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return tuple(out)
+
+
 def _leaves(root: Tensor) -> set[int]:
     """ids of the leaf tensors that ``root``'s autograd graph accumulates into."""
     seen, out, stack = set(), set(), [root.grad_fn]
@@ -89,7 +106,8 @@ def _leaves(root: Tensor) -> set[int]:
 
 
 def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats, phase: str):
-    """``eps_at(i, y, cond_tensors)``: eps at grid node ``i`` with ``x = alpha_i y``."""
+    """``eps_at(i, y, cond_tensors)``: eps at grid node ``i`` with ``x = alpha_i y``, in ``y``'s
+    dtype; in the forward pass a non-finite eps is refused naming the step."""
     def eps_at(i: int, y: Tensor, cond_tensors: Sequence[Tensor]) -> Tensor:
         x = y * grid.alpha(i)
         eps = eps_fn(x, _model_t(grid.node_t(i), x), rebuild(cond_tensors))
@@ -97,6 +115,10 @@ def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats
             raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {getattr(eps, 'shape', type(eps))}")
         setattr(stats, phase, getattr(stats, phase) + 1)
+        if phase == "nfe_forward" and not bool(torch.isfinite(eps).all()):
+            raise FloatingPointError(f"eps_fn returned a non-finite eps in the forward pass at step {i} "
+                                     f"(t={grid.node_t(i):.2f}, rho={grid.rho[i]:.4g}): check the model, "
+                                     "its dtype and the conditioning")
         return eps.to(y.dtype)
     return eps_at
 
@@ -153,7 +175,12 @@ def _vjp(eps_at: Callable, i: int, y: Tensor, cond_in: list[Tensor], cond_req: l
     yv = y.detach().requires_grad_(True)
     eps = eps_at(i, yv, cond_in)
     wrt = [yv] + [c for c, r in zip(cond_in, cond_req) if r] + list(params)
-    grads = torch.autograd.grad(eps, wrt, grad_outputs=g.to(eps.dtype), allow_unused=True)
+    # The vjp is linear in g: take it with the unit-norm cotangent and scale back in float32,
+    # so a half-precision network never sees (and underflows on) a tiny cotangent.
+    scale = g.detach().float().norm()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    grads = torch.autograd.grad(eps, wrt, grad_outputs=(g / scale.to(g.dtype)).to(eps.dtype), allow_unused=True)
+    grads = [None if d is None else d.float() * scale for d in grads]
     gy = grads[0] if grads[0] is not None else torch.zeros_like(y)
     it = iter(grads[1:1 + sum(cond_req)])
     gc = [next(it) if r else None for r in cond_req]
@@ -165,10 +192,13 @@ def _add(acc: list, new: list, w: float) -> list:
     return [a if n is None else (w * n if a is None else a + w * n) for a, n in zip(acc, new)]
 
 
-def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
-    if not bool(torch.isfinite(a).all()):
-        raise FloatingPointError(f"non-finite gradient in the backward pass at step {k} "
-                                 f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
+def _check_finite(a: Tensor | Sequence[Tensor | None], k: int, grid: Grid, what: str = "x_T") -> None:
+    """Refuse a non-finite adjoint state or accumulated gradient, naming the step and the input."""
+    for j, g in enumerate([a] if isinstance(a, Tensor) else a):
+        if g is not None and not bool(torch.isfinite(g).all()):
+            name = what if isinstance(a, Tensor) else f"{what}[{j}]"
+            raise FloatingPointError(f"non-finite gradient of {name} in the backward pass at step {k} "
+                                     f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
 
 
 BACKSOLVE_WARN = 0.5
@@ -253,10 +283,14 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
                 for wj, j in zip(lw, js))
         nodes.pop(node + 2, None)  # no later step or interval reaches back this far
         _check_finite(a, k, grid)
+        _check_finite(g_cond, k, grid, "cond")
+        _check_finite(g_par, k, grid, "params")
     if any(cond_req) or params:
         _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
         nodes[0] = (v, a, uc, up)
         close_interval(0)
+        _check_finite(g_cond, 0, grid, "cond")
+        _check_finite(g_par, 0, grid, "params")
     return a / grid.alpha(0), g_cond, g_par, y
 
 
@@ -310,6 +344,8 @@ def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, gra
         abar.pop(m + order + 1, None)
         eps_hist = ([eps] + eps_hist)[:order]
         _check_finite(abar[m], m, grid)
+        _check_finite(g_cond, m, grid, "cond")
+        _check_finite(g_par, m, grid, "params")
     return abar[0] / grid.alpha(0), g_cond, g_par, y
 
 
@@ -344,13 +380,21 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             part solved exactly: the ODE's gradient, O(N^-order) from the sampler's; the
             more robust on stiff problems sampled in very few steps).
         params: tensors used inside eps_fn (weights, LoRA, embeddings) that should receive
-            gradients; each must require grad.
+            gradients; each must require grad. Repeats count once, and a tensor that is also
+            in ``cond`` gets its gradient as conditioning.
         stats: a :class:`SampleStats` to fill with eps-evaluation counts.
         progress: show tqdm bars.
 
     Returns:
         ``x_0`` with the shape of ``x_T``; ``x_T``, ``cond`` and ``params`` receive
         gradients through ``loss(x_0).backward()`` when ``grad`` is set.
+
+    Precision: the network may run in float16/bfloat16; the ODE state, the adjoint state
+    and every accumulated gradient stay in float32 (a half-precision ``x_T`` is upcast, so
+    ``x_0`` comes back in float32), and each vector-Jacobian product is taken with a
+    unit-norm cotangent and scaled back, so small loss gradients do not underflow. Keep
+    trainable ``params`` in float32 (peft's LoRA adapters are): ``.grad`` has the dtype of
+    its tensor.
     """
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
@@ -358,23 +402,25 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
         raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
+        raise ValueError(f"order must be the int 1, 2 or 3, got {order!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(schedule, VPSchedule):
         raise TypeError("schedule must be an adjoint_lib.VPSchedule (see VPSchedule.from_diffusers)")
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
     if not callable(eps_fn):
         raise TypeError("eps_fn must be callable as eps_fn(x, t, cond)")
-    params = tuple(params)
-    for j, p in enumerate(params):
-        if not isinstance(p, Tensor) or not p.requires_grad:
-            raise ValueError(f"params[{j}] does not require grad: it would never receive a "
-                             "gradient (call .requires_grad_() or leave it out of params)")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains NaN or inf: the initial noise must be finite")
+    cond_tensors, rebuild = _pack_cond(cond)
+    params = _unique_params(params, cond_tensors)
     if params and grad is None:
         raise ValueError("params were given but grad=None: pick a gradient mode")
     grid = make_grid(schedule, steps, timesteps, spacing, t_start, t_end)
-    cond_tensors, rebuild = _pack_cond(cond)
+    if x_T.dtype in (torch.float16, torch.bfloat16):
+        x_T = x_T.float()
     stats = stats if stats is not None else SampleStats()
     stats.mode, stats.steps, stats.order = grad, grid.steps, order
     stats.nfe_forward = stats.nfe_backward = 0

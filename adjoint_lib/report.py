@@ -1,27 +1,23 @@
-"""The reproduction report: run the notebooks headless, then show at a glance what was reproduced.
+"""The reproduction report: what a run of the notebooks reproduced, at a glance.
 
-::
-
-    python scripts/reproduce.py [--notebooks 01 03 ...] [--out outputs] [--timeout S]   # make reproduce
-
-Each notebook runs in its own kernel (nbclient, working folder = the notebook's folder,
-``ADJOINTDPM_OUTPUTS=<out>``), is saved executed to ``<out>/notebooks/<name>.ipynb`` and exported to
-``<out>/notebooks/<name>.html`` (nbconvert). ``<out>/report.md`` and a self-contained
-``<out>/report.html`` (figures as base64 data URIs) then give
+:mod:`adjoint_lib.reproduce` (``make reproduce``) executes the notebooks; :func:`write_report` then
+writes ``<out>/report.md`` (figures in ``<out>/report_files/``) and the same as one self-contained
+``<out>/report.html`` (figures as base64 data URIs) with
 
 * the machine, profile, date and commit;
 * per notebook: status and time, the cell that failed and its error, the checked claims (cells whose
-  source contains ``# NBVAL_CHECK_OUTPUT``) printed by this run against the outputs stored in the
+  source contains ``# NBVAL_CHECK_OUTPUT``, named ``In [k]`` for the k-th code cell as the exported
+  HTML shows it; nbval calls it ``Cell k-1``) printed by this run against the outputs stored in the
   committed notebook, compared as ``pytest --nbval-lax`` compares them (streams merged by name, every
   text MIME type, images and widget ids ignored) except that trailing whitespace is ignored, and its
   key figures;
 * the paper tasks' headline metrics against their targets, one table;
-* the benchmark's acceptance checks (``bench`` ``results.json["checks"]``): the shipped
-  ``data/bench/*/results.json`` and every ``results.json`` this run wrote under ``<out>``.
+* the benchmark's acceptance checks (``results.json["checks"]`` of :mod:`adjoint_lib.bench`): the
+  shipped ``data/bench/*/results.json`` and every ``results.json`` this run wrote under ``<out>``.
 
-Only this run counts: results come from the executed notebooks in memory and from files written
-after the run started; unreadable JSON is skipped with a warning. The exit code is 1 when a notebook
-failed, a checked claim does not hold or a headline target is missed (benchmark checks inform only).
+Only this run counts: results come from the executed notebooks and from files written after the run
+started; unreadable JSON is skipped with a warning. :func:`exit_code` is 1 when a notebook failed, a
+checked claim does not hold or a headline target is missed (benchmark checks inform only).
 
 Contracts for notebooks:
 
@@ -35,23 +31,18 @@ Contracts for notebooks:
 """
 from __future__ import annotations
 
-import argparse
 import base64
-import copy
-import datetime as _dt
 import difflib
 import html
 import io as _io
 import os
 import re
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .io import atomic_dir, atomic_path, check_out, json_safe, read_json, write_text
+from .io import atomic_dir, json_safe, read_json, write_text
 from .paths import ROOT, data_dir
 
 CHECK_MARKER = "# NBVAL_CHECK_OUTPUT"
@@ -84,7 +75,7 @@ def headline(task: str, metric: str, value: Any, target: str, holds: bool | None
 @dataclass
 class Claim:
     """One checked cell: its text output in this run and in the committed notebook."""
-    cell: int            # 1-based position in the notebook (markdown cells count)
+    cell: int            # k of In [k]: the k-th code cell (nbval's "Cell k-1")
     printed: str
     stored: str
     verdict: str         # "holds" | "does not hold" | "not run" | "no stored output"
@@ -96,9 +87,9 @@ class NotebookRun:
     name: str
     status: str                                   # "ok" | "failed" | "timed out"
     seconds: float
-    error: str | None = None                      # "cell 7 (`first line`): ValueError: ..."
+    error: str | None = None                      # "In [7] (`first line`): ValueError: ..."
     claims: list[Claim] = field(default_factory=list)
-    figures: list[tuple[int, bytes]] = field(default_factory=list)   # (cell, PNG)
+    figures: list[tuple[int, bytes]] = field(default_factory=list)   # (k of In [k], PNG)
     metrics: list[dict] = field(default_factory=list)
     exported: dict[str, Path] = field(default_factory=dict)          # "ipynb" / "html" -> file
 
@@ -124,8 +115,13 @@ def _coalesced_text(outputs: Sequence[dict]) -> dict[str, list[str]]:
     return {k: [_normalize(v) for v in vs] for k, vs in values.items()}
 
 
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal color codes (tracebacks carry them)."""
+    return _ANSI.sub("", text)
+
+
 def _normalize(text: str) -> str:
-    return "\n".join(line.rstrip() for line in _ANSI.sub("", text).splitlines()).strip("\n")
+    return "\n".join(line.rstrip() for line in strip_ansi(text).splitlines()).rstrip("\n")
 
 
 def _shown(compared: dict[str, list[str]]) -> str:
@@ -137,8 +133,8 @@ def _shown(compared: dict[str, list[str]]) -> str:
 def checked_claims(committed: dict, executed: dict) -> list[Claim]:
     """The checked cells of ``executed`` compared with the same cells of ``committed``."""
     claims = []
-    for i, (ref, new) in enumerate(zip(committed["cells"], executed["cells"])):
-        if ref.get("cell_type") != "code" or CHECK_MARKER not in ref.get("source", ""):
+    for k, (ref, new) in enumerate(_code_cells(committed, executed), 1):
+        if CHECK_MARKER not in ref.get("source", ""):
             continue
         stored, printed = _coalesced_text(ref.get("outputs", [])), _coalesced_text(new.get("outputs", []))
         if new.get("execution_count") is None:
@@ -147,8 +143,13 @@ def checked_claims(committed: dict, executed: dict) -> list[Claim]:
             verdict = "no stored output"
         else:
             verdict = "holds" if stored == printed else "does not hold"
-        claims.append(Claim(i + 1, _shown(printed), _shown(stored), verdict))
+        claims.append(Claim(k, _shown(printed), _shown(stored), verdict))
     return claims
+
+
+def _code_cells(*nbs: dict) -> list[tuple[dict, ...]]:
+    """The code cells of notebooks with the same cells, side by side: the k-th tuple is ``In [k]``."""
+    return [cells for cells in zip(*(nb["cells"] for nb in nbs)) if cells[0].get("cell_type") == "code"]
 
 
 def _png(b64: str | list[str], max_width: int) -> bytes:
@@ -171,10 +172,10 @@ def _png(b64: str | list[str], max_width: int) -> bytes:
 def key_figures(nb: dict, limit: int = FIGURES_PER_NOTEBOOK, max_width: int = FIGURE_MAX_WIDTH
                 ) -> list[tuple[int, bytes]]:
     """PNG images of the cells tagged ``report-figure`` (all of them), else the first ``limit``
-    images of the notebook; each ``(1-based cell position, PNG bytes)``, at most ``max_width`` wide."""
-    cells = list(enumerate(nb["cells"], 1))
-    tagged = [(i, c) for i, c in cells if FIGURE_TAG in c.get("metadata", {}).get("tags", [])]
-    found = [(i, out["data"]["image/png"]) for i, c in (tagged or cells) if c.get("cell_type") == "code"
+    images of the notebook; each ``(k of In [k], PNG bytes)``, at most ``max_width`` wide."""
+    cells = list(enumerate(_code_cells(nb), 1))
+    tagged = [(i, c) for i, (c,) in cells if FIGURE_TAG in c.get("metadata", {}).get("tags", [])]
+    found = [(i, out["data"]["image/png"]) for i, c in (tagged or [(i, c) for i, (c,) in cells])
              for out in c.get("outputs", []) if "image/png" in out.get("data", {})]
     return [(i, _png(b64, max_width)) for i, b64 in (found if tagged else found[:limit])]
 
@@ -195,79 +196,6 @@ def gathered_metrics(nb: dict) -> list[dict]:
                     warnings.warn(f"ignoring a report entry that is not a dict: {item!r:.80}", RuntimeWarning,
                                   stacklevel=2)
     return rows
-
-
-# =========================================================================== running notebooks
-def _cell_error(nb: dict, index: int | None, exc: BaseException) -> str:
-    """``cell N (`first source line`): Name: message`` for the cell that stopped the notebook."""
-    what = f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', None) or exc}"
-    if index is not None:
-        for out in nb["cells"][index].get("outputs", []):
-            if out.get("output_type") == "error":
-                what = f"{out.get('ename')}: {out.get('evalue')}"
-    what = _ANSI.sub("", what).strip().splitlines()[0][:300] if what.strip() else type(exc).__name__
-    if index is None:
-        return what
-    src = next((ln.strip() for ln in nb["cells"][index].get("source", "").splitlines()
-                if ln.strip() and ln.strip() != CHECK_MARKER), "")
-    return f"cell {index + 1} (`{src[:70]}`): {what}"
-
-
-def kernel_env(out: str | os.PathLike) -> dict[str, str]:
-    """The notebooks' environment: this one, with outputs under ``out``, this checkout's
-    ``adjoint_lib`` first on the path and matplotlib's inline backend (figures become outputs)."""
-    env = {**os.environ, "ADJOINTDPM_OUTPUTS": str(Path(out).resolve()),
-           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    return env
-
-
-def run_notebook(path: str | os.PathLike, out: str | os.PathLike, timeout: int = 1800,
-                 kernel_name: str = "python3") -> NotebookRun:
-    """Execute ``path`` (stored outputs cleared first) in a fresh kernel, save and export it under
-    ``<out>/notebooks/`` and read its claims, figures and metrics. Never raises for a failing cell."""
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError
-
-    path, out = Path(path), Path(out)
-    committed = nbformat.read(path, as_version=4)
-    nb = copy.deepcopy(committed)
-    for c in nb.cells:
-        if c.cell_type == "code":
-            c.outputs, c.execution_count = [], None
-    started: list[int] = []
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_start=lambda cell, cell_index: started.append(cell_index))
-    status, error, t0 = "ok", None, time.perf_counter()
-    try:
-        client.execute(env=kernel_env(out))
-    except Exception as exc:  # the report says which cell failed; the other notebooks still run
-        status = "timed out" if isinstance(exc, CellTimeoutError) else "failed"
-        error = _cell_error(nb, started[-1] if started else None, exc)
-    run = NotebookRun(path.stem, status, time.perf_counter() - t0, error, checked_claims(committed, nb),
-                      key_figures(nb), gathered_metrics(nb))
-    run.exported = export(nb, out / "notebooks", path.stem)
-    return run
-
-
-def export(nb: Any, folder: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """Write ``nb`` to ``<folder>/<stem>.ipynb`` and ``.html`` (nbconvert's HTMLExporter), atomically."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    folder = Path(folder)
-    files = {"ipynb": folder / f"{stem}.ipynb", "html": folder / f"{stem}.html"}
-    with atomic_path(files["ipynb"]) as tmp:
-        nbformat.write(nb, str(tmp))
-    try:
-        body, _ = HTMLExporter().from_notebook_node(nb)
-        write_text(files["html"], body)
-    except Exception as exc:  # the report is still written without this notebook's HTML
-        warnings.warn(f"{stem}: HTML export failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
-        del files["html"]
-    return files
 
 
 # =========================================================================== other sources
@@ -308,7 +236,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.6g}"
     return str(v)
 
 
@@ -349,7 +277,7 @@ def render_markdown(runs: Sequence[NotebookRun], info: dict, bench: Sequence[dic
     lines += [f"- **Date**: {info.get('date', '?')} (UTC), {info.get('total_seconds', 0):.0f} s in all",
               f"- **Machine**: {info.get('cpu_model', '?')}, {info.get('cpu_count', '?')} CPU threads"
               + (f", GPU {info['gpu_name']}" if info.get("gpu_name") else "")
-              + f"; torch {info.get('torch_version', '?')} ({info.get('torch_threads', '?')} threads), "
+              + f"; torch {info.get('torch_version', '?')} (using {info.get('torch_threads', '?')} of them here), "
               f"diffusers {info.get('diffusers_version', '?')}, Python {info.get('python_version', '?')}",
               f"- **Profile**: `{info.get('profile', '?')}`; commit `{info.get('git_commit', '?')}`; "
               f"command `{info.get('command', '')}`", ""]
@@ -359,8 +287,8 @@ def render_markdown(runs: Sequence[NotebookRun], info: dict, bench: Sequence[dic
         n_hold = sum(c.verdict == "holds" for c in r.claims)
         claims = f"{n_hold}/{len(r.claims)} hold" if r.claims else "-"
         if n_hold < len(r.claims):
-            claims += "".join(f", {sum(c.verdict == v for c in r.claims)} {v}"
-                              for v in ("does not hold", "not run", "no stored output")
+            claims += "".join(f", {sum(c.verdict == v for c in r.claims)} {short}" for v, short in
+                              (("does not hold", "fail"), ("not run", "not run"), ("no stored output", "unstored"))
                               if any(c.verdict == v for c in r.claims))
         judged = [m for m in r.metrics if m.get("holds") is not None]
         targets = f"{sum(bool(m['holds']) for m in judged)}/{len(judged)} met" if judged else "-"
@@ -383,20 +311,20 @@ def render_markdown(runs: Sequence[NotebookRun], info: dict, bench: Sequence[dic
         if r.error:
             lines += [f"Stopped at {r.error}", ""]
         if r.claims:
-            lines += ["| cell | printed by this run | against the committed notebook |", "|---:|---|---|"]
+            lines += ["| cell | printed by this run | against the committed notebook |", "|---|---|---|"]
             for c in r.claims:
                 text = c.printed.splitlines()
                 first = (text[0] if text else "(no output)") + (f" (+{len(text) - 1} lines)" if len(text) > 1 else "")
                 verdict = c.verdict if c.verdict == "holds" else f"**{c.verdict}**"
-                lines.append(f"| {c.cell} | `{_td(first, 110).replace('`', chr(39))}` | {verdict} |")
+                lines.append(f"| In [{c.cell}] | `{_td(first, 110).replace('`', chr(39))}` | {verdict} |")
             for c in r.claims:
                 if c.verdict == "does not hold":
                     diff = difflib.unified_diff(c.stored.splitlines(), c.printed.splitlines(), "committed",
                                                 "this run", n=0, lineterm="")
-                    lines += ["", f"Cell {c.cell}, committed (-) against this run (+):", "", "```diff",
+                    lines += ["", f"In [{c.cell}], committed (-) against this run (+):", "", "```diff",
                               *list(diff)[2:], "```"]
         for k, (cell, png) in enumerate(r.figures, 1):
-            lines += ["", f"![{r.name}, figure {k} (cell {cell})]({figure_src(f'{r.name}_{k}', png)})"]
+            lines += ["", f"![{r.name}, figure {k} (In [{cell}])]({figure_src(f'{r.name}_{k}', png)})"]
     return "\n".join(lines) + "\n"
 
 
@@ -464,65 +392,3 @@ def write_report(runs: Sequence[NotebookRun], out: str | os.PathLike, info: dict
     page = _PAGE.format(title=html.escape(f"Reproduction report {info.get('date', '')}"),
                         body=markdown2html_mistune(inline))
     return write_text(out / "report.md", md), write_text(out / "report.html", page)
-
-
-# =========================================================================== the command
-def select_notebooks(items: Sequence[str] | None, folder: str | os.PathLike | None = None) -> list[Path]:
-    """Notebooks to run: every ``NN_*.ipynb`` in ``folder`` (default ``notebooks/``), or those whose
-    number or name prefix is in ``items``; an item that is a path to an ``.ipynb`` file is taken as is."""
-    folder = Path(folder) if folder is not None else ROOT / "notebooks"
-    available = sorted(folder.glob("[0-9]*.ipynb"))
-    if not items:
-        return available
-    chosen = []
-    for item in items:
-        if item.endswith(".ipynb") and Path(item).is_file():
-            chosen.append(Path(item))
-            continue
-        match = [p for p in available if p.name.startswith(item)]
-        if not match:
-            raise SystemExit(f"--notebooks {item}: no notebook in {folder} starts with {item!r}; "
-                             f"choose from {', '.join(p.name[:2] for p in available)}")
-        chosen += match
-    return list(dict.fromkeys(chosen))
-
-
-def reproduce(notebooks: Sequence[str | os.PathLike], out: str | os.PathLike = "outputs", timeout: int = 1800,
-              kernel_name: str = "python3", command: str = "", log: Callable[[str], None] = print) -> int:
-    """Run ``notebooks`` one after the other, write the report under ``out``; return the exit code."""
-    out = check_out(Path(out))
-    since, t0 = time.time(), time.perf_counter()
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    runs = []
-    for k, path in enumerate(map(Path, notebooks), 1):
-        log(f"reproduce [{k}/{len(notebooks)}] {path.name} ...")
-        run = run_notebook(path, out, timeout, kernel_name)
-        n_hold = sum(c.verdict == "holds" for c in run.claims)
-        log(f"reproduce [{k}/{len(notebooks)}] {path.name}: {run.status} in {run.seconds:.0f} s, "
-            f"{n_hold}/{len(run.claims)} checked claims hold" + (f"; {run.error}" if run.error else ""))
-        runs.append(run)
-    info = {**machine(), "date": date, "total_seconds": time.perf_counter() - t0, "command": command}
-    md, page = write_report(runs, out, info, benchmark_checks(out, since))
-    code = exit_code(runs)
-    log(f"reproduce: report in {md} and {page}; exit code {code}")
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``scripts/reproduce.py``."""
-    p = argparse.ArgumentParser(description="Execute the notebooks headless and write <out>/report.md and "
-                                            "report.html (exit code 1 when a notebook fails or a claim does not hold).")
-    p.add_argument("--notebooks", nargs="+", metavar="NN", default=None,
-                   help="numbers (or name prefixes, or .ipynb paths) of the notebooks to run, e.g. 01 03 (default: all)")
-    p.add_argument("--out", default=str(ROOT / "outputs"), help="output folder (default: outputs/)")
-    p.add_argument("--timeout", type=int, default=1800, metavar="S",
-                   help="seconds one cell may run before it counts as failed (default 1800)")
-    p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
-    a = p.parse_args(argv)
-    if a.timeout <= 0:
-        raise SystemExit(f"--timeout must be a positive number of seconds, got {a.timeout}")
-    notebooks = select_notebooks(a.notebooks)
-    if not notebooks:
-        raise SystemExit("no notebooks to run in notebooks/")
-    command = "python scripts/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    return reproduce(notebooks, a.out, a.timeout, a.kernel, command.strip())

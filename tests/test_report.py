@@ -1,4 +1,4 @@
-"""The reproduction report: two small notebooks built here and executed for real (nbclient, python3
+"""The reproduction report (adjoint_lib.report, adjoint_lib.reproduce): two small notebooks built here and executed for real (nbclient, python3
 kernel), one failing, one with checked claims, a figure and headline metrics."""
 import base64
 import io
@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from adjoint_lib import report
+from adjoint_lib import report, reproduce
 from adjoint_lib.paths import ROOT
 
 
@@ -62,7 +62,7 @@ def run(tmp_path_factory):
     for folder, t in ((live, future), (stale, past), (bad, future), (cache, future)):
         os.utime(folder / "results.json", (t, t))
     with pytest.warns(RuntimeWarning, match="unreadable benchmark results"):
-        code = report.main(["--notebooks", str(failing), str(claims), "--out", str(out), "--timeout", "120"])
+        code = reproduce.main(["--notebooks", str(failing), str(claims), "--out", str(out), "--timeout", "120"])
     return code, out
 
 
@@ -75,16 +75,16 @@ def test_status_table_names_the_failed_cell_and_its_error(run):
     _, out = run
     md = (out / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| 01_fails |"))
-    assert "**failed**" in row and "cell 3" in row and "ValueError: deliberate failure for the test" in row
+    assert "**failed**" in row and "In [2]" in row and "ValueError: deliberate failure for the test" in row
     row = next(line for line in md.splitlines() if line.startswith("| 02_claims |"))
-    assert "| ok |" in row and "1/2 hold, 1 does not hold" in row and "1/2 met" in row
+    assert "| ok |" in row and "1/2 hold, 1 fail" in row and "1/2 met" in row
     assert "**Not reproduced (exit code 1).**" in md and "1 of 2 notebooks ran (01_fails did not)" in md
 
 
 def test_claims_compared_with_the_committed_outputs(run):
     _, out = run
     md = (out / "report.md").read_text()
-    verdicts = {m[1]: m[2] for m in re.findall(r"^\| (\d+) \| `([^`]*)` \| (.*?) \|$", md, re.MULTILINE)}
+    verdicts = {m[1]: m[2] for m in re.findall(r"^\| In \[(\d+)\] \| `([^`]*)` \| (.*?) \|$", md, re.MULTILINE)}
     assert verdicts["two is even: True"] == "holds"               # trailing whitespace ignored
     assert verdicts["three is even: False"] == "**does not hold**"
     assert verdicts["(no output)"] == "**not run**"                  # after the failing cell
@@ -153,7 +153,23 @@ def test_claims_compare_like_nbval():
 
 
 def test_select_notebooks():
-    assert [p.name for p in report.select_notebooks(["01"])] == ["01_probability_flow_ode.ipynb"]
-    assert len(report.select_notebooks(None)) == len(list((ROOT / "notebooks").glob("[0-9]*.ipynb")))
+    assert [p.name for p in reproduce.select_notebooks(["01"])] == ["01_probability_flow_ode.ipynb"]
+    assert len(reproduce.select_notebooks(None)) == len(list((ROOT / "notebooks").glob("[0-9]*.ipynb")))
     with pytest.raises(SystemExit, match="--notebooks 99"):
-        report.select_notebooks(["99"])
+        reproduce.select_notebooks(["99"])
+    with pytest.raises(SystemExit, match="no such notebook file"):
+        reproduce.select_notebooks(["missing.ipynb"])
+
+
+def test_timed_out_cell_is_named(tmp_path):
+    nb = _write(tmp_path / "03_slow.ipynb", [_cell("x = 1"), _cell("import time\ntime.sleep(60)")])
+    run = reproduce.run_notebook(nb, tmp_path / "out", timeout=2)
+    assert run.status == "timed out" and run.error == "In [2] (`import time`): still running after 2 s (--timeout)"
+    assert report.exit_code([run]) == 1
+
+
+def test_unreadable_notebook_is_a_failure_not_a_crash(tmp_path):
+    bad = tmp_path / "04_bad.ipynb"
+    bad.write_text("{not json")
+    run = reproduce.run_notebook(bad, tmp_path / "out")
+    assert run.status == "failed" and "cannot read" in run.error

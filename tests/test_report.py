@@ -127,6 +127,7 @@ def test_executed_notebooks_exported(run):
         assert nb.cells[1].outputs, stem
         assert "<html" in (out / "notebooks" / f"{stem}.html").read_text()
     assert "deliberate failure for the test" in (out / "notebooks" / "01_fails.html").read_text()
+    assert "toy task | accuracy = 0.9 (target &gt;= 0.8): met" in (out / "notebooks" / "02_claims.html").read_text()
 
 
 def test_report_is_lean(run):

@@ -314,7 +314,7 @@ def render_markdown(runs: Sequence[NotebookRun], info: dict, bench: Sequence[dic
             lines += ["| cell | printed by this run | against the committed notebook |", "|---|---|---|"]
             for c in r.claims:
                 text = c.printed.splitlines()
-                first = (text[0] if text else "(no output)") + (f" (+{len(text) - 1} lines)" if len(text) > 1 else "")
+                first = (text[0] if text else "(no output)") + (f" (+{len(text) - 1} line{'s' if len(text) > 2 else ''})" if len(text) > 1 else "")
                 verdict = c.verdict if c.verdict == "holds" else f"**{c.verdict}**"
                 lines.append(f"| In [{c.cell}] | `{_td(first, 110).replace('`', chr(39))}` | {verdict} |")
             for c in r.claims:

@@ -205,7 +205,7 @@ def train_classifier(model: nn.Module, target: Callable[[Labels], Tensor],
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().requires_grad_(False)
 
 

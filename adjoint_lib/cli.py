@@ -41,8 +41,14 @@ def float_in(low: float = -math.inf, high: float = math.inf, *, low_open: bool =
     """An argparse type: a finite float in ``[low, high]`` (``low_open`` / ``high_open``
     exclude an end). NaN and +-inf are always refused."""
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-    what = ("a finite number" if (low, high) == (-math.inf, math.inf)
-            else f"a finite number in {lo}{low:g}, {high:g}{hi}")
+    if math.isinf(low) and math.isinf(high):
+        what = "a finite number"
+    elif math.isinf(high):
+        what = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif math.isinf(low):
+        what = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        what = f"a finite number in {lo}{low:g}, {high:g}{hi}"
 
     def parse(text: str) -> float:
         try:

@@ -515,9 +515,10 @@ def _save_grads(g: dict[str, Tensor], path: str | None) -> None:
 
 
 def _readable_grads(path: str) -> bool:
-    """Whether the gradient file ``path`` loads (a truncated or corrupt one warns)."""
+    """Whether the gradient file ``path`` opens (a truncated or corrupt one warns; memory-mapped,
+    so checking a large file reads little of it)."""
     try:
-        torch.load(path)
+        torch.load(path, mmap=True, weights_only=True)
         return True
     except FileNotFoundError:
         return False

@@ -68,6 +68,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -75,6 +76,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adjoint import SampleStats, sample
+from .cli import (add_output_arguments, int_at_least, nonnegative_float, nonnegative_int,
+                  output_path, positive_float, positive_int)
+from .io import atomic_path, read_json, write_json
 from .memory import SavedTensorMeter
 from .paths import ROOT, data_dir, outputs_dir
 from .schedule import VPSchedule
@@ -506,7 +510,22 @@ def _cuda_peak(device: torch.device):
 # =========================================================================== jobs
 def _save_grads(g: dict[str, Tensor], path: str | None) -> None:
     if path:
-        torch.save({k: v.float().cpu() for k, v in g.items()}, path)
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save({k: v.float().cpu() for k, v in g.items()}, tmp)
+
+
+def _readable_grads(path: str) -> bool:
+    """Whether the gradient file ``path`` opens (a truncated or corrupt one warns; memory-mapped,
+    so checking a large file reads little of it)."""
+    try:
+        torch.load(path, mmap=True, weights_only=True)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is re-computed
+        warnings.warn(f"ignoring unreadable bench cache file {path}: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return False
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -622,7 +641,7 @@ def _run_isolated(job: dict, job_dir: Path) -> dict:
     """Run a job in a fresh Python process (``python -m adjoint_lib.bench --worker job.json``)."""
     spec = job_dir / f"{job['name']}.job.json"
     job = dict(job, result_path=str(job_dir / f"{job['name']}.result.json"))
-    spec.write_text(json.dumps(job))
+    write_json(spec, job, indent=None)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg",
                OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
                MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
@@ -689,7 +708,9 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
     ``isolate="process"`` (default for the full grid) runs each configuration in a fresh
     subprocess; ``"none"`` (default with ``quick``) runs everything in this process (same
     meters; the RSS numbers are then less independent). ``resume`` reuses job results of an
-    earlier run with identical settings (cached under ``outputs/bench/_jobs``).
+    earlier run with identical settings (cached under ``outputs/bench/_jobs``); a cache entry
+    that cannot be read (truncated JSON or gradient file) is re-run, with a warning.
+    Every file is written to a temporary name and moved into place.
     Returns the results dict.
     """
     from tqdm.auto import tqdm
@@ -765,16 +786,16 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
         if job["kind"].startswith("sweep"):
             job["ref_path"] = str(ref_path)
         cached = job_dir / f"{job['name']}.result.json"
-        if resume and cached.exists():
-            r = json.loads(cached.read_text())
-            if r.get("key") == job["key"] and r.get("status") == "ok" and \
-                    (job["grads_path"] is None or Path(job["grads_path"]).exists()):
+        if resume:
+            r = read_json(cached, what="bench cache entry")
+            if isinstance(r, dict) and r.get("key") == job["key"] and r.get("status") == "ok" and \
+                    (job["grads_path"] is None or _readable_grads(job["grads_path"])):
                 results[job["name"]] = r
                 continue
         t0 = time.perf_counter()
         r = _run_isolated(job, job_dir) if isolate == "process" else run_job(job)
         r.update(key=job["key"], job_seconds=round(time.perf_counter() - t0, 2))
-        cached.write_text(json.dumps(r))
+        write_json(cached, r, indent=None)
         results[job["name"]] = r
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -782,7 +803,7 @@ def run_benchmark(model: str = "toy2d", device: str = "cpu", quick: bool = False
         steps=steps, modes=modes, tols=tols, order=order, repeats=repeats, ref_steps=ref_steps,
         sweep_steps=sweep_steps, sweep_tols=sweep_tols, target_error=TARGET_ERROR, seed=seed,
         dtype=dtype, batch=batch, loss="|x_0 - target|^2 / B", nfe_cap=d["nfe_cap"]))
-    (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(out_dir / "results.json", res)
     if plots:
         plot_results(res, out_dir)
     return res
@@ -796,7 +817,7 @@ def nfe_to_reach(points: Sequence[tuple[float, float]], target: float = TARGET_E
     """Eps evaluations needed to reach error ``target`` from ``(nfe, error)`` points sorted by
     nfe: the first point at or below the target, and a log-log interpolation between it and
     the point before. ``None`` if never reached."""
-    pts = sorted((n, e) for n, e in points if e == e and n > 0)
+    pts = sorted((n, e) for n, e in points if e is not None and e == e and n > 0)
     for i, (n, e) in enumerate(pts):
         if e <= target:
             interp = float(n)
@@ -1002,7 +1023,8 @@ def plot_results(res: dict, out_dir: str | Path | None = None, dpi: int = 80,
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, f in figs.items():
-            f.savefig(out_dir / f"{name}.png", dpi=dpi)
+            with atomic_path(out_dir / f"{name}.png", suffix=".png") as tmp:
+                f.savefig(tmp, dpi=dpi, format="png")
     return figs
 
 
@@ -1102,49 +1124,52 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if argv[:1] == ["--worker"]:
         job = json.loads(Path(argv[1]).read_text())
         res = run_job(job)
-        Path(job["result_path"]).write_text(json.dumps(dict(res, key=_job_key(job))))
+        write_json(job["result_path"], dict(res, key=_job_key(job)), indent=None)
         return None
     ap = argparse.ArgumentParser(prog="python -m adjoint_lib.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=MODELS, default="toy2d")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:0, ...)")
     ap.add_argument("--quick", action="store_true", help="reduced grid, in-process: a smoke test (< 2 minutes on CPU for each model)")
-    ap.add_argument("--steps", type=int, nargs="+", help="sampling steps N (default 5 10 20 50 100)")
+    ap.add_argument("--steps", type=positive_int, nargs="+", help="sampling steps N (default 5 10 20 50 100)")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), help="gradient modes (default: all)")
-    ap.add_argument("--tols", type=float, nargs="+", help="dopri5 tolerances profiled (rtol = atol)")
-    ap.add_argument("--order", type=int, default=2, help="solver order of the library modes (default 2)")
-    ap.add_argument("--batch", type=int, help="batch size (default per model)")
-    ap.add_argument("--guidance", type=float, help="classifier-free guidance scale (default per model)")
+    ap.add_argument("--tols", type=positive_float, nargs="+", help="dopri5 tolerances profiled (rtol = atol)")
+    ap.add_argument("--order", type=int, choices=(1, 2, 3), default=2,
+                    help="solver order of the library modes (default 2)")
+    ap.add_argument("--batch", type=positive_int, help="batch size (default per model)")
+    ap.add_argument("--guidance", type=nonnegative_float, help="classifier-free guidance scale (default per model)")
     ap.add_argument("--size", choices=("full", "reduced", "tiny"),
                     help="sd-arch size (default: tiny with --quick, else full on cuda, reduced on cpu)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed gradients per configuration (median; >= 3)")
-    ap.add_argument("--ref-steps", type=int, help="steps of the converged checkpoint reference (default 500)")
-    ap.add_argument("--sweep-steps", type=int, nargs="+", help="N of the order-2 adjoint accuracy sweep")
-    ap.add_argument("--sweep-tols", type=float, nargs="+", help="dopri5 tolerances of the accuracy sweep")
-    ap.add_argument("--threads", type=int, help="torch threads (default 1 on CPU: oversubscribed "
+    ap.add_argument("--repeats", type=int_at_least(3), default=3, help="timed gradients per configuration (median; >= 3)")
+    ap.add_argument("--ref-steps", type=int_at_least(2),
+                    help="steps of the converged checkpoint reference (default 500; checked against half)")
+    ap.add_argument("--sweep-steps", type=positive_int, nargs="+", help="N of the order-2 adjoint accuracy sweep")
+    ap.add_argument("--sweep-tols", type=positive_float, nargs="+", help="dopri5 tolerances of the accuracy sweep")
+    ap.add_argument("--threads", type=positive_int, help="torch threads (default 1 on CPU: oversubscribed "
                     "OpenMP pools on a loaded machine are 10x slower)")
     ap.add_argument("--isolate", choices=("process", "none"),
                     help="fresh subprocess per configuration (default) or in-process (default with --quick)")
-    ap.add_argument("--out", default=None, help="output folder (default outputs/bench); results go to <out>/<model>_<device>/")
+    add_output_arguments(ap, "outputs/bench", "output folder; results go to <out>/<model>_<device>/")
     ap.add_argument("--resume", action="store_true", help="reuse finished configurations of an identical earlier run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--weights", help="mini: MiniSD folder to load (default data/mini)")
-    ap.add_argument("--drop-time-freqs", type=int, default=0, metavar="K",
+    ap.add_argument("--drop-time-freqs", type=nonnegative_int, default=0, metavar="K",
                     help="mini/sd-arch: zero the time-embedding input of the K fastest timestep "
                          "frequencies (a diagnostic model whose eps is smooth in t)")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
+    tag = run_tag(a.model, a.device, a.drop_time_freqs)
+    out = output_path(a, lambda: outputs_dir("bench"))
     res = run_benchmark(model=a.model, device=a.device, quick=a.quick, steps=a.steps, modes=a.modes,
                         tols=a.tols, order=a.order, batch=a.batch, guidance=a.guidance, size=a.size,
                         repeats=a.repeats, ref_steps=a.ref_steps, sweep_steps=a.sweep_steps,
-                        sweep_tols=a.sweep_tols, threads=a.threads, isolate=a.isolate, out=a.out,
+                        sweep_tols=a.sweep_tols, threads=a.threads, isolate=a.isolate, out=out,
                         resume=a.resume, seed=a.seed, dtype=a.dtype, plots=not a.no_plots,
                         command="python -m adjoint_lib.bench " + " ".join(argv), weights=a.weights,
                         drop_time_freqs=a.drop_time_freqs)
     print(format_table(res))
-    out = Path(a.out) if a.out else outputs_dir("bench")
-    print(f"wrote {out / run_tag(a.model, a.device, a.drop_time_freqs)}/results.json and PNGs")
+    print(f"wrote {out / tag}/results.json" + ("" if a.no_plots else " and PNGs"))
     return res
 
 

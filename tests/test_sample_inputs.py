@@ -143,3 +143,39 @@ def test_float16_unet_gradients_match_float32_under_a_tiny_loss(sd_schedule):
         assert g16.dtype == torch.float32, name
         assert bool(torch.isfinite(g16).all()) and float(g16.norm()) > 0, name
         assert _cos(g16, g32) >= 0.99, (name, _cos(g16, g32))
+
+
+@pytest.mark.parametrize("shortcut, kw, method", [
+    ("adjoint", {}, adjoint_lib.Adjoint()),
+    ("adjoint", dict(trajectory="cache"), adjoint_lib.Adjoint(trajectory="cache")),
+    ("adjoint", dict(scheme="continuous"), adjoint_lib.Adjoint(scheme="continuous")),
+    ("checkpoint", {}, adjoint_lib.Checkpoint()),
+    ("backprop", {}, adjoint_lib.Backprop()),
+])
+def test_gradient_method_objects_equal_their_shortcuts(shortcut, kw, method):
+    by_string = _grads(shortcut, lambda c, W: [W], **kw)
+    by_object = _grads(method, lambda c, W: [W])
+    for a, b in zip(by_string, by_object):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(grad="checkpoint", scheme="continuous"), "scheme= applies to grad='adjoint' only"),
+    (dict(grad="backprop", trajectory="cache"), "trajectory= applies to grad='adjoint' only"),
+    (dict(grad=None, trajectory="cache"), "trajectory= applies"),
+    (dict(grad=adjoint_lib.Adjoint(), scheme="transpose"), "pass grad=Adjoint"),
+    (dict(grad="adjoint", scheme="exact"), r"Adjoint\(scheme=...\) must be one of"),
+    (dict(grad="magic"), "grad must be None, one of"),
+])
+def test_meaningless_gradient_options_raise_naming_the_argument(kw, match):
+    eps_fn, x_T, c, W = _problem()
+    with pytest.raises(ValueError, match=match):
+        adjoint_lib.sample(eps_fn, x_T, c, schedule=_sched(), steps=3, **kw)
+
+
+def test_a_grid_can_replace_steps():
+    eps_fn, x_T, c, W = _problem()
+    grid = adjoint_lib.make_grid(_sched(), steps=5, spacing="time")
+    a = adjoint_lib.sample(eps_fn, x_T, c, schedule=_sched(), steps=grid, order=2)
+    b = adjoint_lib.sample(eps_fn, x_T, c, schedule=_sched(), steps=5, spacing="time", order=2)
+    assert torch.equal(a, b)

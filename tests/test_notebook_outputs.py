@@ -43,8 +43,29 @@ def test_checked_cells_print_claims_not_floats(path):
     nb = json.loads(path.read_text())
     for i, cell in enumerate(nb["cells"]):
         src = "".join(cell["source"])
-        if cell["cell_type"] != "code" or not src.startswith("# NBVAL_CHECK_OUTPUT") or "# shipped" in src:
+        checked = any(line.strip() == "# NBVAL_CHECK_OUTPUT" for line in src.splitlines())
+        if cell["cell_type"] != "code" or not checked or "# shipped" in src:
             continue
         for text in _texts(cell):
             bad = [ln for ln in text.splitlines() if FLOAT.search(ln) and not CLAIM.search(ln)]
             assert not bad, f"cell {i} prints raw floats: {bad[:2]}; print a claim instead"
+
+
+COURSE = [p for p in NOTEBOOKS if p.name[:2] in {"01", "02", "03", "04", "05", "06", "08"}]
+
+
+@pytest.mark.parametrize("path", COURSE, ids=lambda p: p.name)
+def test_exercises_have_checks_and_hidden_solutions(path):
+    """At least two exercises, each with a check cell and a solution hidden by default whose own
+    check is validated by nbval."""
+    cells = json.loads(path.read_text())["cells"]
+    solutions = [c for c in cells if "solution" in c.get("metadata", {}).get("tags", [])]
+    assert len(solutions) >= 2, "fewer than two exercises with solutions"
+    for c in solutions:
+        src = "".join(c["source"])
+        assert c["metadata"].get("jupyter", {}).get("source_hidden"), "solution not hidden"
+        assert "# NBVAL_CHECK_OUTPUT" in src and "check(" in src, "solution does not check itself"
+        assert "correct" in "".join("".join(o.get("text", "")) for o in c.get("outputs", [])), "stored solution not correct"
+    checks = [c for c in cells if c["cell_type"] == "code" and "check(" in "".join(c["source"])
+              and "solution" not in c.get("metadata", {}).get("tags", [])]
+    assert len(checks) >= len(solutions), "an exercise without a check cell for the student"

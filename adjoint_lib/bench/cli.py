@@ -16,6 +16,7 @@ from .runner import run_benchmark, run_tag
 
 DESCRIPTION = "Benchmarks: memory, wall time, eps evaluations and gradient accuracy of every gradient mode."
 
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the benchmark, print its table; returns the results."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -65,4 +66,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(res))
     print(f"wrote {out / tag}/results.json" + ("" if a.no_plots else " and PNGs"))
     return res
-

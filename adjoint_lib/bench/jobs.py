@@ -30,6 +30,7 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 # Fields of a job that say where its files go, not what it computes (left out of its key).
 PATH_FIELDS = ("grads_path", "ref_path", "result_path", "package_parent")
 
+
 def save_grads(g: dict[str, Tensor], path: str | None) -> None:
     """Save the gradients ``g`` (float32, CPU) to ``path`` atomically; nothing when ``path`` is None."""
     if path:

@@ -239,5 +239,3 @@ def build_problem(model: str = "toy2d", device: str = "cpu", batch: int | None =
     to = dict(device=dev, dtype=dt)
     return Problem(eps_fn, schedule, x_T.to(**to), cond.to(**to),
                    None if uncond is None else uncond.to(**to), params, target.to(**to), info)
-
-

@@ -24,8 +24,6 @@ from .jobs import job_key, load_grads, readable_grads, run_isolated, run_job
 from .plots import plot_results
 from .problems import DEFAULTS, MODELS
 
-Tensor = torch.Tensor
-
 # gradient error (largest relative error of x_T, cond, weights) the accuracy sweeps aim at
 TARGET_ERROR = 1e-2
 
@@ -264,5 +262,3 @@ def _nfe_summary(sweeps: dict, config: dict) -> dict:
                 row[key] = round(row["dopri5"]["nfe_interp"] / row[name]["nfe_interp"], 2)
         out[metric] = row
     return out
-
-

@@ -220,11 +220,11 @@ def machine(profile: str | None = None) -> dict:
     """CPU / GPU, threads, library versions, commit and profile of this process."""
     import torch
 
-    from .bench import _meta
+    from .bench import machine_meta
     from .paths import profile as resolve_profile
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = _meta(device, torch.get_num_threads())
+    meta = machine_meta(device, torch.get_num_threads())
     meta["profile"] = resolve_profile(profile)
     return meta
 

@@ -24,11 +24,12 @@ from adjoint_lib.paths import ROOT, data_dir
 train_mod = importlib.import_module("adjoint_lib.models.mini.train")
 judges_mod = importlib.import_module("adjoint_lib.models.mini.judges")
 evaluate_mod = importlib.import_module("adjoint_lib.models.mini.evaluate")
+bench_cli = importlib.import_module("adjoint_lib.bench.cli")
 
 # command -> (module, the function its main() calls first for the heavy work)
 COMMANDS = {"train": (train_mod, "train"), "judges": (judges_mod, "train_judges"),
             "evaluate": (evaluate_mod, "load"), "toy2d": (toy2d, "train_toy"),
-            "bench": (bench, "run_benchmark")}
+            "bench": (bench_cli, "run_benchmark")}
 
 
 MODEL_PARTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # MiniSD's save_pretrained folders
@@ -270,7 +271,7 @@ def test_bench_resume_reruns_unreadable_cache_entries(tmp_path, monkeypatch):
     def run_job(job):
         ran.append(job["name"])
         return real(job)
-    monkeypatch.setattr(bench, "run_job", run_job)
+    monkeypatch.setattr(bench.runner, "run_job", run_job)
     kw = dict(model="toy2d", quick=True, modes=["checkpoint"], steps=[2], batch=8, ref_steps=4,
               sweep_steps=[2], isolate="none", out=tmp_path / "bench", plots=False, progress=False)
     first = bench.run_benchmark(**kw)
@@ -293,7 +294,7 @@ def test_bench_resume_reruns_unreadable_cache_entries(tmp_path, monkeypatch):
 
 def test_interrupted_gradient_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "g.grads.pt"
-    bench._save_grads({"x_T": torch.ones(3)}, str(path))
+    bench.save_grads({"x_T": torch.ones(3)}, str(path))
     before = path.read_bytes()
 
     def save(obj, f, *args, **kwargs):
@@ -301,7 +302,7 @@ def test_interrupted_gradient_save_keeps_the_previous_file(tmp_path, monkeypatch
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        bench._save_grads({"x_T": torch.zeros(3)}, str(path))
+        bench.save_grads({"x_T": torch.zeros(3)}, str(path))
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 

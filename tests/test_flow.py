@@ -225,3 +225,27 @@ def test_adjoint_matches_the_discrete_gradient_sd3():
         cos = ((a * b).sum() / (a.norm() * b.norm())).item()
         assert cos >= 0.999, cos
         assert rel(a, b) < 0.5 * rel(c, b)  # closer to its own sampler's gradient than a 4-step sampler's
+
+
+# ----------------------------------------------------------------------------- the 2-D flow toy
+def test_flow2d_shipped_weights_sample_the_ring():
+    from adjoint_lib import flow2d, toy2d
+
+    eps_fn, schedule = flow2d.load_flow()
+    assert isinstance(eps_fn, FlowEps) and isinstance(schedule, FlowSchedule)
+    x_T = torch.randn(400, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x0 = sample_flow(eps_fn, x_T, toy2d.one_hot(torch.arange(400) % 8, 8), schedule=schedule, steps=10, order=2)
+    assert (toy2d.nearest_mode(x0) == torch.arange(400) % 8).double().mean() > 0.95
+    assert toy2d.mode_fraction(x0) > 0.8
+
+
+def test_flow2d_cli_writes_outputs_and_guards_data(tmp_path):
+    from adjoint_lib import flow2d
+
+    with pytest.raises(SystemExit, match="--force"):
+        flow2d.main(["--out", str(flow2d.data_dir("flow2d")), "--steps", "2"])
+    flow2d.main(["--out", str(tmp_path), "--steps", "3", "--batch", "16", "--kind", "moons"])
+    eps_fn, _ = flow2d.load_flow("moons", folder=tmp_path)
+    assert flow2d.training_log("moons", folder=tmp_path)["steps"] == 3
+    assert eps_fn(torch.zeros(3, 2), torch.full((3,), 500.0), torch.zeros(1, 2)).shape == (3, 2)

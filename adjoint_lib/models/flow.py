@@ -117,8 +117,7 @@ class FlowEps:
 
 
 # ---------------------------------------------------------------------- sampling from s = 1
-def _first_step(eps_fn: Any, x_T: Tensor, cond: Any, schedule: GaussianSchedule, t0: float, t1: float | None,
-                rho1: float) -> Tensor:
+def _first_step(eps_fn: Any, x_T: Tensor, cond: Any, schedule: GaussianSchedule, t0: float, rho1: float) -> Tensor:
     """``x_1 = alpha_1 x0_hat(x_T, t_0) + (sigma_1 / sigma_0) x_T``: the order-1 step from ``alpha_0 = 0``
     (the limit of Euler in rho, ``y_1 = y_0 + (rho_1 - rho_0) eps_0``, as ``rho_0 -> inf``)."""
     dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
@@ -178,7 +177,7 @@ def sample_flow(eps_fn: Any, x_T: Tensor, cond: Any = None, *, schedule: Gaussia
     if params and grad is None:
         raise ValueError("params were given but grad=None: pick a gradient mode")
     with torch.set_grad_enabled(grad is not None and torch.is_grad_enabled()):
-        x1 = _first_step(eps_fn, x_T, cond, schedule, float(full[0]), t1, rho1)
+        x1 = _first_step(eps_fn, x_T, cond, schedule, float(full[0]), rho1)
     if t1 is None:  # a single step, straight to the end
         if stats is not None:
             stats.mode, stats.steps, stats.nfe_forward, stats.nfe_backward = grad, 1, 1, 0

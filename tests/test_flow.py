@@ -249,3 +249,60 @@ def test_flow2d_cli_writes_outputs_and_guards_data(tmp_path):
     eps_fn, _ = flow2d.load_flow("moons", folder=tmp_path)
     assert flow2d.training_log("moons", folder=tmp_path)["steps"] == 3
     assert eps_fn(torch.zeros(3, 2), torch.full((3,), 500.0), torch.zeros(1, 2)).shape == (3, 2)
+
+
+# ----------------------------------------------------------------------------- FLUX
+def make_tiny_flux(dtype=torch.float64, seed=0):
+    """A tiny FluxTransformer2DModel (one double and one single block, distilled guidance), random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                   guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    return model.to(dtype).eval()
+
+
+def test_order1_is_the_flux_pipeline_loop():
+    """FluxPipeline's loop (packed latents, position ids, timestep s, distilled guidance 3.5, true CFG 2,
+    dynamic shift) == sample_flow at order 1 on the scheduler's timesteps."""
+    from adjoint_lib.models.flow import _flux_image_ids, _flux_pack, _flux_unpack
+
+    tr = make_tiny_flux(torch.float32)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=0.8)
+    g = torch.Generator().manual_seed(1)
+    x_T, e, p, ne, npool = (torch.randn(*shape, generator=g) for shape in [(2, 4, 8, 8), (1, 6, 32), (1, 32), (1, 6, 32), (1, 32)])
+    w, distilled = 2.0, 3.5
+    lat, ids, txt_ids = _flux_pack(x_T), _flux_image_ids(8, 8, x_T), torch.zeros(6, 3)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            common = dict(hidden_states=lat, timestep=t.expand(2) / 1000, guidance=torch.full((2,), distilled),
+                          txt_ids=txt_ids, img_ids=ids, return_dict=False)
+            v_c = tr(pooled_projections=p.expand(2, -1), encoder_hidden_states=e.expand(2, -1, -1), **common)[0]
+            v_u = tr(pooled_projections=npool.expand(2, -1), encoder_hidden_states=ne.expand(2, -1, -1), **common)[0]
+            lat = sched.step(v_u + w * (v_c - v_u), t, lat, return_dict=False)[0]
+    s = FlowSchedule.from_diffusers(sched)
+    ours = sample_flow(FlowEps(tr, s, guidance_scale=w, flux_guidance=distilled), x_T, (e, p, ne, npool), schedule=s,
+                       timesteps=sched.timesteps, order=1)
+    assert rel(ours, _flux_unpack(lat, 8, 8)) < 1e-5
+    with pytest.raises(ValueError, match="flux_guidance"):
+        FlowEps(tr, s)
+
+
+def test_checkpoint_equals_backprop_flux():
+    tr = make_tiny_flux()
+    s = FlowSchedule(shift=3.0)
+    g = torch.Generator().manual_seed(2)
+    x_T, e, p, target = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(2, 4, 8, 8), (1, 6, 32), (1, 32), (2, 4, 8, 8)])
+    params = list(tr.parameters())
+    out = {}
+    for mode in ("checkpoint", "backprop"):
+        x, ee, pp = x_T.clone().requires_grad_(), e.clone().requires_grad_(), p.clone().requires_grad_()
+        for q in params:
+            q.grad = None
+        x0 = sample_flow(FlowEps(tr, s, flux_guidance=3.5), x, (ee, pp), schedule=s, steps=5, order=2, grad=mode, params=params)
+        ((x0 - target) ** 2).sum().backward()
+        out[mode] = [x.grad, ee.grad, pp.grad, torch.cat([q.grad.flatten() for q in params])]
+    for a, b in zip(out["checkpoint"], out["backprop"]):
+        assert b.norm() > 0 and rel(a, b) < 1e-6

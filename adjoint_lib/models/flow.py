@@ -23,12 +23,33 @@ from ..schedule import FlowSchedule, GaussianSchedule
 Tensor = torch.Tensor
 
 
-def _is_sd3(model: Any) -> bool:
-    try:
-        from diffusers import SD3Transformer2DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(model, SD3Transformer2DModel)
+def _kind(model: Any) -> str:
+    """``"sd3"``, ``"flux"`` (diffusers transformers) or ``"callable"``."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if isinstance(model, SD3Transformer2DModel):
+        return "sd3"
+    return "flux" if isinstance(model, FluxTransformer2DModel) else "callable"
+
+
+def _flux_pack(x: Tensor) -> Tensor:
+    """FluxPipeline's ``_pack_latents``: (B, C, H, W) -> (B, H/2 * W/2, 4 C) tokens of 2x2 patches."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _flux_unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`_flux_pack`."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def _flux_image_ids(h: int, w: int, like: Tensor) -> Tensor:
+    """FluxPipeline's ``_prepare_latent_image_ids``: (H/2 * W/2, 3) rows ``[0, row, column]``."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=like.device, dtype=like.dtype)
 
 
 class FlowEps:
@@ -40,30 +61,38 @@ class FlowEps:
     Args:
         model: a diffusers ``SD3Transformer2DModel`` (called as ``model(hidden_states=x,
             timestep=t, encoder_hidden_states=e, pooled_projections=p)``, timestep ``t = 1000 s``
-            as in ``StableDiffusion3Pipeline``), or any callable ``model(x, t, *cond) -> v``
+            as in ``StableDiffusion3Pipeline``), a ``FluxTransformer2DModel`` (latents ``x`` of
+            shape (B, C, H, W) are packed into 2x2-patch tokens with position ids and the
+            timestep ``s``, as in ``FluxPipeline``), or any callable ``model(x, t, *cond) -> v``
             (e.g. the 2-D toy MLP of :mod:`adjoint_lib.flow2d`).
         schedule: the :class:`FlowSchedule` (``FlowSchedule.from_diffusers(scheduler)``).
-        guidance_scale: classifier-free guidance weight ``w`` (1 = none).
+        guidance_scale: classifier-free guidance weight ``w`` (1 = none; FluxPipeline's
+            ``true_cfg_scale``).
+        flux_guidance: the distilled guidance a FLUX transformer with ``guidance_embeds`` takes
+            as an input (FluxPipeline's ``guidance_scale``, e.g. 3.5 for FLUX.1-dev).
 
-    ``cond``: for SD3 ``(prompt_embeds, pooled_prompt_embeds)`` - the text encoders' outputs,
-    whose gradient flows - and with guidance ``(prompt_embeds, pooled, negative_embeds,
-    negative_pooled)``; for a callable ``None``, a tensor ``c`` or, with guidance, ``(c, u)``
-    (with ``guidance_scale = 1`` the unconditional half is ignored). Batch-1 conditioning is
-    broadcast. The network runs in its own dtype;
-    eps comes back in the dtype of ``x``.
+    ``cond``: for SD3 and FLUX ``(prompt_embeds, pooled_prompt_embeds)`` - the text encoders'
+    outputs, whose gradient flows - and with guidance ``(prompt_embeds, pooled,
+    negative_embeds, negative_pooled)``; for a callable ``None``, a tensor ``c`` or, with
+    guidance, ``(c, u)`` (with ``guidance_scale = 1`` the unconditional half is ignored).
+    Batch-1 conditioning is broadcast. The network runs in its own dtype; eps comes back in
+    the dtype of ``x``.
     """
 
-    def __init__(self, model: Callable, schedule: FlowSchedule, guidance_scale: float = 1.0) -> None:
+    def __init__(self, model: Callable, schedule: FlowSchedule, guidance_scale: float = 1.0,
+                 flux_guidance: float | None = None) -> None:
         if not isinstance(schedule, FlowSchedule):
             raise TypeError("schedule must be an adjoint_lib.FlowSchedule (FlowSchedule.from_diffusers(scheduler)): "
                             "eps = x + (1 - s) v holds on the rectified-flow path only")
-        if type(model).__name__.startswith("Flux"):
-            raise NotImplementedError("FLUX transformers need packed latents, position ids and a distilled guidance "
-                                      "embedding: wrap them in a callable model(x, t, *cond) -> v")
         if not callable(model):
-            raise TypeError("model must be an SD3Transformer2DModel or a callable model(x, t, *cond) -> v")
+            raise TypeError("model must be an SD3 or FLUX transformer or a callable model(x, t, *cond) -> v")
         self.model, self.schedule, self.guidance_scale = model, schedule, float(guidance_scale)
-        self._sd3 = _is_sd3(model)
+        self._kind = _kind(model)
+        self._per = 1 if self._kind == "callable" else 2  # conditioning tensors per branch
+        if self._kind == "flux" and model.config.guidance_embeds and flux_guidance is None:
+            raise ValueError("this FLUX transformer embeds a distilled guidance: pass flux_guidance= "
+                             "(FluxPipeline's guidance_scale, e.g. 3.5)")
+        self.flux_guidance = flux_guidance
 
     # ------------------------------------------------------------------ network
     def _dtype(self, x: Tensor) -> torch.dtype:
@@ -74,12 +103,20 @@ class FlowEps:
     def _net(self, x: Tensor, t: Tensor, parts: Sequence[Tensor]) -> Tensor:
         dtype = self._dtype(x)
         x, parts = x.to(dtype), [c.to(dtype) for c in parts]
-        if self._sd3:
-            if len(parts) != 2:
-                raise ValueError("an SD3 transformer needs cond=(prompt_embeds, pooled_prompt_embeds), "
-                                 f"(+ the negative pair with guidance), got {len(parts)} tensor(s) per branch")
+        if self._kind == "sd3":
             return self.model(hidden_states=x, timestep=t, encoder_hidden_states=parts[0],
                               pooled_projections=parts[1], return_dict=False)[0]
+        if self._kind == "flux":
+            h, w = x.shape[-2:]
+            if x.ndim != 4 or h % 2 or w % 2:
+                raise ValueError(f"FLUX latents must be (B, C, H, W) with even H and W, got {tuple(x.shape)}")
+            guidance = (torch.full((x.shape[0],), float(self.flux_guidance), device=x.device, dtype=torch.float32)
+                        if self.model.config.guidance_embeds else None)
+            out = self.model(hidden_states=_flux_pack(x), timestep=t.to(dtype) / self.schedule.t_max,
+                             guidance=guidance, pooled_projections=parts[1], encoder_hidden_states=parts[0],
+                             txt_ids=torch.zeros(parts[0].shape[1], 3, device=x.device, dtype=dtype),
+                             img_ids=_flux_image_ids(h, w, x), return_dict=False)[0]
+            return _flux_unpack(out, h, w)
         return self.model(x, t, *parts)
 
     def velocity(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
@@ -89,10 +126,10 @@ class FlowEps:
         t = t.expand(b) if t.ndim == 0 else t
         parts = [] if cond is None else [cond] if isinstance(cond, Tensor) else list(cond)
         parts = [c.expand(b, *c.shape[1:]) if c.shape[0] == 1 else c for c in parts]
-        per = 2 if self._sd3 else 1  # tensors per branch
-        if len(parts) not in (0, per, 2 * per) or (self.guidance_scale != 1.0 and len(parts) != 2 * per):
+        per = self._per
+        if len(parts) not in ((0,) if per == 1 else ()) + (per, 2 * per) or (self.guidance_scale != 1.0 and len(parts) != 2 * per):
             want = ("(prompt_embeds, pooled), or with guidance (prompt_embeds, pooled, negative_embeds, "
-                    "negative_pooled)") if self._sd3 else "None or c, or with guidance (c, u)"
+                    "negative_pooled)") if per == 2 else "None or c, or with guidance (c, u)"
             raise ValueError(f"cond must be {want}; got {len(parts)} tensor(s) with "
                              f"guidance_scale={self.guidance_scale:g}")
         if self.guidance_scale == 1.0:

@@ -42,13 +42,13 @@ class GaussianSchedule:
     def from_diffusers(cls, scheduler: Any) -> "GaussianSchedule":
         """The schedule of a diffusers scheduler: :class:`VPSchedule` for those with
         ``alphas_cumprod`` (DDPM, DDIM, DPM-Solver, Euler, ...), :class:`FlowSchedule` for
-        ``FlowMatchEulerDiscreteScheduler`` (and other flow-matching schedulers with
-        ``config.num_train_timesteps`` and ``config.shift`` but no ``alphas_cumprod``).
+        ``FlowMatchEulerDiscreteScheduler`` (and other ``FlowMatch...`` schedulers) and for
+        multistep schedulers configured with ``use_flow_sigmas=True``.
         Called on a subclass, the scheduler must be of that kind."""
-        if getattr(scheduler, "alphas_cumprod", None) is not None:
-            kind: type[GaussianSchedule] = VPSchedule
-        elif _is_flow_scheduler(scheduler):
-            kind = FlowSchedule
+        if _is_flow_scheduler(scheduler):
+            kind: type[GaussianSchedule] = FlowSchedule
+        elif getattr(scheduler, "alphas_cumprod", None) is not None:
+            kind = VPSchedule
         else:
             raise TypeError(f"{type(scheduler).__name__} is neither a VP scheduler (alphas_cumprod) nor a "
                             "flow-matching scheduler (FlowMatchEulerDiscreteScheduler)")
@@ -210,9 +210,11 @@ class VPSchedule(GaussianSchedule):
         ``final_alpha_cumprod`` when it has one; ``alphas_cumprod[0]`` for
         ``final_sigmas_type="sigma_min"``; otherwise clean data (``1.0``).
         """
+        if _is_flow_scheduler(scheduler):
+            raise TypeError(f"{type(scheduler).__name__} samples a flow-matching path (FlowMatch... or "
+                            "use_flow_sigmas=True), not a VP one: use FlowSchedule.from_diffusers")
         if getattr(scheduler, "alphas_cumprod", None) is None:
-            hint = " (a flow-matching scheduler: use FlowSchedule.from_diffusers)" if _is_flow_scheduler(scheduler) else ""
-            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: not a VP diffusers scheduler{hint}")
+            raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: not a VP diffusers scheduler")
         return cls._from_diffusers(scheduler)
 
     @classmethod
@@ -288,10 +290,14 @@ class VPSchedule(GaussianSchedule):
 
 # ====================================================================== flow
 def _is_flow_scheduler(scheduler: Any) -> bool:
-    """A diffusers flow-matching scheduler: ``FlowMatch...`` with ``num_train_timesteps``, no ``alphas_cumprod``."""
+    """A diffusers flow-matching scheduler: ``FlowMatch...`` (no ``alphas_cumprod``), or a multistep
+    scheduler configured with ``use_flow_sigmas=True`` (DPM-Solver, UniPC)."""
     config = getattr(scheduler, "config", None)
-    return (type(scheduler).__name__.startswith("FlowMatch") and config is not None
-            and "num_train_timesteps" in config and getattr(scheduler, "alphas_cumprod", None) is None)
+    if config is None or "num_train_timesteps" not in config:
+        return False
+    if config.get("use_flow_sigmas", False):
+        return True
+    return type(scheduler).__name__.startswith("FlowMatch") and getattr(scheduler, "alphas_cumprod", None) is None
 
 
 class FlowSchedule(GaussianSchedule):
@@ -326,7 +332,9 @@ class FlowSchedule(GaussianSchedule):
         """Schedule of diffusers' ``FlowMatchEulerDiscreteScheduler``: ``num_train_timesteps``
         and ``shift`` from its config (the grid is its ``timesteps`` after ``set_timesteps``;
         pass them to ``sample_flow(..., timesteps=scheduler.timesteps)``). Refuses
-        ``invert_sigmas`` (a path run from data to noise)."""
+        ``invert_sigmas`` (a path run from data to noise). Multistep schedulers with
+        ``use_flow_sigmas=True`` give their ``flow_shift`` (their integer timesteps round the
+        sigmas down, so prefer ``steps=`` over their ``timesteps``)."""
         if not _is_flow_scheduler(scheduler):
             raise TypeError(f"{type(scheduler).__name__} is not a flow-matching scheduler "
                             "(FlowMatchEulerDiscreteScheduler); for VP schedulers use VPSchedule.from_diffusers")
@@ -337,6 +345,8 @@ class FlowSchedule(GaussianSchedule):
         config = scheduler.config
         if config.get("invert_sigmas", False):
             raise ValueError("invert_sigmas=True schedulers (sigmas from 0 to 1) are not supported")
+        if config.get("use_flow_sigmas", False):
+            return cls(int(config.num_train_timesteps), float(config.get("flow_shift", 1.0)))
         return cls(int(config.num_train_timesteps), float(getattr(scheduler, "shift", config.get("shift", 1.0))))
 
     def s(self, t: Any) -> Tensor:

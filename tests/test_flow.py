@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 import adjoint_lib
 from adjoint_lib import FlowSchedule, GaussianSchedule, VPSchedule
@@ -83,6 +83,11 @@ def test_from_diffusers_dispatches_on_the_scheduler():
         VPSchedule.from_diffusers(flow)
     with pytest.raises(TypeError, match="VPSchedule"):
         FlowSchedule.from_diffusers(ddim)
+    dpm_flow = DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    assert isinstance(GaussianSchedule.from_diffusers(dpm_flow), FlowSchedule)  # it has alphas_cumprod, but samples a flow
+    assert FlowSchedule.from_diffusers(dpm_flow).shift == 3.0
+    with pytest.raises(TypeError, match="FlowSchedule"):
+        VPSchedule.from_diffusers(dpm_flow)
 
 
 def test_shift_spacing_is_the_schedulers_grid():

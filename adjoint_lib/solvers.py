@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .schedule import VPSchedule
+from .schedule import GaussianSchedule, VPSchedule
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,8 @@ class Grid:
     (``i <= N``) the reparameterized times (``rho[N]`` is where the last step ends) and
     ``lam[i] = -log rho[i]``; ``t_end`` and ``lam_end`` are the timestep and lambda used
     when the adjoint evaluates eps at the end point (clamped to the schedule's range when
-    ``rho[N] = 0``).
+    ``rho[N] = 0``); ``alphas[i] = schedule.alpha_of_rho(rho[i])`` (``x = alpha y``; the
+    variance-preserving ``1 / sqrt(1 + rho^2)`` when not given).
     """
 
     t: Tensor
@@ -101,14 +102,19 @@ class Grid:
     lam: list[float]
     t_end: float
     lam_end: float
+    alphas: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.alphas is None:
+            self.alphas = VPSchedule.alpha_of_rho(torch.tensor(self.rho, dtype=torch.float64)).tolist()
 
     @property
     def steps(self) -> int:
         return len(self.rho) - 1
 
     def alpha(self, i: int) -> float:
-        """``alpha_i = 1 / sqrt(1 + rho_i^2)``."""
-        return 1.0 / math.sqrt(1.0 + self.rho[i] ** 2)
+        """``alpha_i``: the path's alpha at ``rho_i`` (``x_i = alpha_i y_i``)."""
+        return self.alphas[i]
 
     def node_t(self, i: int) -> float:
         return float(self.t[i]) if i < self.steps else self.t_end
@@ -141,12 +147,16 @@ class Grid:
         return self.lam[i] if math.isfinite(self.lam[i]) else self.lam_end
 
 
-def make_grid(schedule: VPSchedule, steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
+def make_grid(schedule: GaussianSchedule, steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
               spacing: str = "logsnr", t_start: float | None = None, t_end: float | None = None) -> Grid:
     """Build the :class:`Grid` from ``steps`` (``steps + 1`` points from ``t_start`` to
     ``t_end`` with the given ``spacing``; the last point is where sampling ends) or from
     explicit decreasing ``timesteps`` (eps is evaluated at each one; the last step ends
-    where the scheduler's own last step ends, ``schedule.rho_end``)."""
+    where the scheduler's own last step ends, ``schedule.rho_end``).
+
+    The grid must start where ``alpha > 0``: at a flow path's pure-noise end (``alpha = 0``,
+    ``rho = inf``) ``y = x / alpha`` is infinite; start below it (``t_start < t_max``) or take
+    the first step in data-prediction form with :func:`adjoint_lib.models.flow.sample_flow`."""
     if (steps is None) == (timesteps is None):
         raise ValueError("give exactly one of steps= or timesteps=")
     if timesteps is not None:
@@ -163,10 +173,16 @@ def make_grid(schedule: VPSchedule, steps: int | None = None, timesteps: Sequenc
     else:
         full = schedule.timesteps(steps, spacing, t_start, t_end)
         t, rho = full[:-1], schedule.rho(full).tolist()
+    if not math.isfinite(rho[0]):
+        raise ValueError(f"the grid starts at t={float(t[0]):g}, where alpha = 0 (rho = inf: the pure-noise end of "
+                         f"a flow path) and y = x / alpha is infinite: start below it (t_start < {schedule.t_max:g}, "
+                         "timesteps[0] < t_max) or use adjoint_lib.models.flow.sample_flow, which takes the first "
+                         "step from pure noise in data-prediction form")
     lam = [-math.log(r) if r > 0 else math.inf for r in rho]
     t_last = float(schedule.t_of_rho(torch.tensor(max(rho[-1], 1e-300), dtype=torch.float64)))
-    lam_end = float(schedule.lambda_(torch.tensor(t_last, dtype=torch.float64)))
-    return Grid(t=t, rho=rho, lam=lam, t_end=t_last, lam_end=lam_end)
+    lam_end = min(float(schedule.lambda_(torch.tensor(t_last, dtype=torch.float64))), schedule.lambda_max)
+    alphas = schedule.alpha_of_rho(torch.tensor(rho, dtype=torch.float64)).tolist()
+    return Grid(t=t, rho=rho, lam=lam, t_end=t_last, lam_end=lam_end, alphas=alphas)
 
 
 EpsAt = Callable[[int, Tensor], Tensor]

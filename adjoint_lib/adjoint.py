@@ -32,7 +32,7 @@ from .solvers import Grid, lambda_weights, make_grid, solve
 Tensor = torch.Tensor
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
 
-__all__ = ["sample", "SampleStats", "pack_cond"]
+__all__ = ["sample", "SampleStats", "pack_cond", "model_timesteps"]
 
 
 @dataclass
@@ -54,8 +54,9 @@ class SampleStats:
 
 
 # ------------------------------------------------------------------------- helpers
-def _model_t(t: float, x: Tensor) -> Tensor:
-    """Model timestep tensor of shape (B,) (float64 stays float64; otherwise float32)."""
+def model_timesteps(t: float, x: Tensor) -> Tensor:
+    """The model-timestep tensor ``t`` of shape (B,) for a batch ``x`` (float64 stays float64;
+    otherwise float32), on ``x``'s device."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
 
@@ -109,7 +110,7 @@ def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats
     dtype; in the forward pass a non-finite eps is refused naming the step."""
     def eps_at(i: int, y: Tensor, cond_tensors: Sequence[Tensor]) -> Tensor:
         x = y * grid.alpha(i)
-        eps = eps_fn(x, _model_t(grid.node_t(i), x), rebuild(cond_tensors))
+        eps = eps_fn(x, model_timesteps(grid.node_t(i), x), rebuild(cond_tensors))
         if not isinstance(eps, Tensor) or eps.shape != x.shape:
             raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {getattr(eps, 'shape', type(eps))}")

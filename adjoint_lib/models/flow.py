@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..adjoint import SampleStats, sample
+from ..adjoint import SampleStats, model_timesteps, sample
 from ..schedule import FlowSchedule, GaussianSchedule
 
 Tensor = torch.Tensor
@@ -157,9 +157,7 @@ class FlowEps:
 def _first_step(eps_fn: Any, x_T: Tensor, cond: Any, schedule: GaussianSchedule, t0: float, rho1: float) -> Tensor:
     """``x_1 = alpha_1 x0_hat(x_T, t_0) + (sigma_1 / sigma_0) x_T``: the order-1 step from ``alpha_0 = 0``
     (the limit of Euler in rho, ``y_1 = y_0 + (rho_1 - rho_0) eps_0``, as ``rho_0 -> inf``)."""
-    dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    t = torch.full((x_T.shape[0],), t0, dtype=dtype, device=x_T.device)
-    x0_hat = eps_fn.data_prediction(x_T, t, cond)
+    x0_hat = eps_fn.data_prediction(x_T, model_timesteps(t0, x_T), cond)
     a1 = float(schedule.alpha_of_rho(torch.tensor(rho1, dtype=torch.float64)))
     sigma0 = float(schedule.sigma(torch.tensor(t0, dtype=torch.float64)))
     return a1 * x0_hat.to(x_T.dtype) + (a1 * rho1 / sigma0) * x_T

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .io import check_out, save_safetensors, write_json
+from .io import check_out
 from .models.flow import FlowEps, sample_flow
 from .models.toy import ToyEps
 from .paths import data_dir, outputs_dir
 from .schedule import FlowSchedule
-from .toy2d import KINDS, make_data, mode_fraction, one_hot
+from .toy2d import KINDS, fit, mode_fraction, read_net, save_toy
 
 Tensor = torch.Tensor
 
@@ -62,46 +59,18 @@ def train_flow(kind: str = "ring", steps: int = 8000, batch: int = 512, lr: floa
     ``log["config"]`` what :func:`load_flow` needs."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if steps < 1 or batch < 1:
-        raise ValueError("steps and batch must be positive")
-    k = KINDS[kind]
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    net = ToyEps(cond_dim=k, hidden=hidden, depth=depth).train()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    losses, running, t0 = [], [], time.time()
-    bar = tqdm(range(steps), desc=f"train flow {kind}", disable=not progress)
-    for step in bar:
-        x0, labels = make_data(batch, kind, generator=gen)
-        cond = one_hot(labels, k)
-        cond[torch.rand(batch, generator=gen) < p_uncond] = 0.0
-        loss = flow_matching_loss(net, x0, cond, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running.append(loss.item())
-        if len(running) == log_every or step == steps - 1:
-            losses.append(sum(running) / len(running))
-            running = []
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    net.eval()
-    config = dict(kind=kind, cond_dim=k, hidden=hidden, depth=depth, t_dim=net.t_dim, prediction="velocity")
-    log = dict(config=config, loss=losses, log_every=log_every, steps=steps, batch=batch, lr=lr,
-               p_uncond=p_uncond, seed=seed, seconds=round(time.time() - t0, 1))
+    net = ToyEps(cond_dim=KINDS[kind], hidden=hidden, depth=depth)
+    log = fit(net, kind, lambda m, x0, c, g: flow_matching_loss(m, x0, c, generator=g), steps=steps, batch=batch,
+              lr=lr, p_uncond=p_uncond, seed=seed, log_every=log_every, progress=progress, desc="train flow")
+    log["config"]["prediction"] = "velocity"
     return net, log
 
 
 def save_flow(net: ToyEps, log: dict, folder: str | Path) -> Path:
     """Write ``<folder>/<kind>.safetensors`` (weights, config in the metadata) and ``<kind>.json``
-    (the training log), each atomically. Returns the weights' path."""
-    kind = log["config"]["kind"]
-    folder = Path(folder)
-    state = {k: v.detach().float().contiguous() for k, v in net.state_dict().items()}
-    path = save_safetensors(state, folder / f"{kind}.safetensors", metadata={"config": json.dumps(log["config"])})
-    write_json(folder / f"{kind}.json", log)
-    return path
+    (the training log), moved into place together. Returns the weights' path."""
+    return save_toy(net, log, Path(folder) / log["config"]["kind"])
 
 
 def load_flow(kind: str = "ring", folder: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -109,18 +78,12 @@ def load_flow(kind: str = "ring", folder: str | Path | None = None, dtype: torch
     """The shipped velocity MLP (``data/flow2d/<kind>.safetensors``) in eval mode as ``dtype``,
     wrapped in :class:`FlowEps`, and its schedule: ``eps_fn, schedule = load_flow()``;
     the network is ``eps_fn.model``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    file = (Path(folder) if folder is not None else data_dir("flow2d")) / f"{kind}.safetensors"
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found: train it with `python -m adjoint_lib.flow2d --kind {kind}`")
-    with safe_open(str(file), framework="pt") as f:
-        config = json.loads(f.metadata()["config"])
-    net = ToyEps(cond_dim=config["cond_dim"], hidden=config["hidden"], depth=config["depth"], t_dim=config["t_dim"])
-    net.load_state_dict(load_file(str(file)))
+    path = (Path(folder) if folder is not None else data_dir("flow2d")) / kind
+    if not path.with_suffix(".safetensors").exists():
+        raise FileNotFoundError(f"{path.with_suffix('.safetensors')} not found: train it with "
+                                f"`python -m adjoint_lib.flow2d --kind {kind}`")
     schedule = flow_schedule()
-    return FlowEps(net.to(dtype).eval(), schedule, guidance_scale=guidance_scale), schedule
+    return FlowEps(read_net(path).to(dtype).eval(), schedule, guidance_scale=guidance_scale), schedule
 
 
 def training_log(kind: str = "ring", folder: str | Path | None = None) -> dict:

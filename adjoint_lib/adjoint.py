@@ -175,12 +175,13 @@ def _vjp(eps_at: Callable, i: int, y: Tensor, cond_in: list[Tensor], cond_req: l
     yv = y.detach().requires_grad_(True)
     eps = eps_at(i, yv, cond_in)
     wrt = [yv] + [c for c, r in zip(cond_in, cond_req) if r] + list(params)
-    # The vjp is linear in g: take it with the unit-norm cotangent and scale back in float32,
-    # so a half-precision network never sees (and underflows on) a tiny cotangent.
+    # The vjp is linear in g: take it with the unit-norm cotangent and scale back in at least
+    # float32, so a half-precision network never sees (and underflows on) a tiny cotangent and a
+    # float64 one keeps its precision.
     scale = g.detach().float().norm()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     grads = torch.autograd.grad(eps, wrt, grad_outputs=(g / scale.to(g.dtype)).to(eps.dtype), allow_unused=True)
-    grads = [None if d is None else d.float() * scale for d in grads]
+    grads = [None if d is None else d.to(torch.promote_types(d.dtype, torch.float32)) * scale for d in grads]
     gy = grads[0] if grads[0] is not None else torch.zeros_like(y)
     it = iter(grads[1:1 + sum(cond_req)])
     gc = [next(it) if r else None for r in cond_req]

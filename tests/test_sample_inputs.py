@@ -143,3 +143,15 @@ def test_float16_unet_gradients_match_float32_under_a_tiny_loss(sd_schedule):
         assert g16.dtype == torch.float32, name
         assert bool(torch.isfinite(g16).all()) and float(g16.norm()) > 0, name
         assert _cos(g16, g32) >= 0.99, (name, _cos(g16, g32))
+
+
+@pytest.mark.parametrize("grad", ["adjoint", "checkpoint"])
+def test_float64_gradients_keep_float64_precision(grad):
+    """A float64 problem keeps float64 gradients: checkpoint and the transpose adjoint on the cache
+    equal backprop to rounding (1e-12), far below float32's 1e-7."""
+    kw = {"trajectory": "cache"} if grad == "adjoint" else {}
+    got = _grads(grad, lambda c, W: (W,), **kw)
+    ref = _grads("backprop", lambda c, W: (W,))
+    for name, g, r in zip(("x_T", "c", "W"), got, ref):
+        assert g.dtype == torch.float64, name
+        assert float((g - r).norm() / r.norm()) < 1e-12, (name, float((g - r).norm() / r.norm()))

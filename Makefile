@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# `make reproduce NOTEBOOKS="01 03"` runs a subset.
 reproduce: venv
-	$(PY) scripts/reproduce.py
+	$(PY) scripts/reproduce.py $(if $(NOTEBOOKS),--notebooks $(NOTEBOOKS))
 
 test: venv
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests/ \

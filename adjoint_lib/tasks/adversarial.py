@@ -74,6 +74,9 @@ class AttackConfig:
     auditee: str | None = setting(None, None, f"sd: classifier under audit (hub id or folder; ${AUDITEE_ENV}, "
                                               f"default {IMAGENET_CLASSIFIER})")
     judge: str | None = setting(None, None, f"sd: independent judge (${JUDGE_ENV}, default {IMAGENET_JUDGE})")
+    labels_from: str = setting("prompt", one_of("prompt", "auditee"),
+                               "prompt: the class the prompt asks for; auditee: its own reading of the clean "
+                               "image (for classifiers whose classes the prompts do not name, e.g. random ones)")
 
 
 # MiniSD's tuned settings (notebook 06): its noise has 3x16x16 = 768 numbers against SD's 16384,
@@ -412,8 +415,8 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, auditors: Auditors
     grad = cfg.grad
     auditors = auditors or auditors_for(model, cfg.auditee, cfg.judge)
     if pairs is None:
-        tiny = model.spec.tiny and cfg.auditee is None
-        pairs = select_pairs(model, auditors, cfg, require_judge=not tiny, labels_from_auditee=tiny,
+        own = cfg.labels_from == "auditee" or (model.spec.tiny and cfg.auditee is None)
+        pairs = select_pairs(model, auditors, cfg, require_judge=not own, labels_from_auditee=own,
                              progress=progress)
     x_T = model.noise(pairs.seeds)
     result = attack(model, pairs.prompts, x_T, pairs.labels, auditors.auditee, cfg, grad=grad, progress=progress)

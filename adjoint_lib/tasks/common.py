@@ -239,6 +239,8 @@ def from_components(c: dict[str, Any], spec: Profile, *, device: torch.device = 
                          "(added_cond_kwargs), not by the task models: pass an SD 1.x/2.x model")
     scheduler = DDIMScheduler.from_config(c["scheduler"].config)
     unet, tok = c["unet"], c["tokenizer"]
+    if len(tok) <= 2:  # a CLIPTokenizer whose files are missing can load empty without an error
+        raise ValueError(f"the tokenizer loaded empty ({len(tok)} tokens): its files are missing or unreadable")
     size = unet.config.sample_size
     max_length = min(tok.model_max_length, c["text_encoder"].config.max_position_embeddings)
     return TaskModel(spec, tok, c["text_encoder"], unet, scheduler, VPSchedule.from_diffusers(scheduler), c["vae"],
@@ -271,10 +273,11 @@ def load_sd(model_id: str | None = None, device: str | torch.device | None = Non
 
 def to_device(model: TaskModel, device: torch.device, dtype: torch.dtype) -> TaskModel:
     """Move ``model`` to ``device``: UNet and text encoder in ``dtype``, the VAE in float32."""
-    model.unet.to(device=device, dtype=dtype)
-    model.text_encoder.to(device=device, dtype=dtype)
-    if model.vae is not None:
-        model.vae.to(device=device, dtype=torch.float32)
+    for module, want in ((model.unet, dtype), (model.text_encoder, dtype), (model.vae, torch.float32)):
+        if module is not None:
+            module.to(device)
+            if next(module.parameters()).dtype != want:
+                module.to(want)
     freeze(model.unet, model.text_encoder, model.vae)
     model.device = device
     return model

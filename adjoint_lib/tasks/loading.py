@@ -119,9 +119,9 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
     path = Path(model_id)
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
+            tried = "StableDiffusionPipeline.from_single_file (single-file checkpoint)"
             if not path.is_file():
                 raise FileNotFoundError(f"no such checkpoint file: {path}")
-            tried = "StableDiffusionPipeline.from_single_file (single-file checkpoint)"
             return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None,
                                                            local_files_only=is_offline())
         local = path.is_dir()

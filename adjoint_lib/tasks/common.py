@@ -268,16 +268,25 @@ def load_sd(model_id: str | None = None, device: str | torch.device | None = Non
     pipe = load_pipeline(model_id, dt)
     c = pipe.components
     model = from_components(c, Profile("sd", pipe=pipe))
+    if dev.type == "cuda" and hasattr(model.vae, "enable_gradient_checkpointing"):
+        model.vae.enable_gradient_checkpointing()  # 512x512 decoder activations recomputed in backward (T4: 15 GB)
     return to_device(model, dev, dt)
 
 
 def to_device(model: TaskModel, device: torch.device, dtype: torch.dtype) -> TaskModel:
     """Move ``model`` to ``device``: UNet and text encoder in ``dtype``, the VAE in float32."""
-    for module, want in ((model.unet, dtype), (model.text_encoder, dtype), (model.vae, torch.float32)):
-        if module is not None:
-            module.to(device)
-            if next(module.parameters()).dtype != want:
-                module.to(want)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # "modules that should be kept in float32: []": none here
+    try:
+        for module, want in ((model.unet, dtype), (model.text_encoder, dtype), (model.vae, torch.float32)):
+            if module is not None:
+                module.to(device)
+                if next(module.parameters()).dtype != want:
+                    module.to(want)
+    finally:
+        dlogging.set_verbosity(level)
     freeze(model.unet, model.text_encoder, model.vae)
     model.device = device
     return model

@@ -46,3 +46,11 @@ def test_bfloat16_networks_float32_losses_and_gradients() -> None:
     loss.backward()
     for g in (v.grad, x.grad):
         assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().max() > 0
+
+
+def test_generate_takes_an_explicit_timestep_grid() -> None:
+    model = load_sd("tiny", device="cpu")
+    x_T, cond = model.noise([0]), model.encode(["a red seven"])
+    a = model.generate(x_T, cond, timesteps=torch.tensor([999.0, 700.0, 400.0, 100.0]), order=1)
+    b = model.generate(x_T, cond, steps=4, order=1)
+    assert a.shape == b.shape and torch.isfinite(a).all()

@@ -155,3 +155,26 @@ def test_model_id_and_metric_networks_follow_the_environment(monkeypatch, local_
     assert model.profile == "sd" and model.latent_shape == (4, 8, 8) and model.spec.pipe is not None
     monkeypatch.setenv("ADJOINTDPM_FEATURE_MODEL", str(local_files / "feat"))
     assert isinstance(st.default_features(model), st.HFFeatures)
+
+
+def test_download_size_is_announced_from_the_hub_listing(monkeypatch, capsys):
+    """Online, the weights (non-variant safetensors) and configs of the needed folders are summed
+    and printed before the download; offline nothing is asked."""
+    import types
+
+    import huggingface_hub
+
+    from adjoint_lib.tasks import loading
+
+    files = {"unet/diffusion_pytorch_model.safetensors": 3_000_000_000,
+             "unet/diffusion_pytorch_model.fp16.safetensors": 1_500_000_000, "unet/config.json": 1_000,
+             "vae/diffusion_pytorch_model.safetensors": 300_000_000, "v1-5-pruned.safetensors": 7_000_000_000,
+             "safety_checker/model.safetensors": 1_000_000_000}
+    info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=k, size=v) for k, v in files.items()])
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: info)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert loading.download_size("org/model", ("unet", "vae")) == 3_300_001_000
+    loading.announce_download("org/model", "Stable Diffusion", ("unet", "vae"))
+    assert "3.1 GiB" in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loading.download_size("org/model") is None

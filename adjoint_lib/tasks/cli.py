@@ -136,7 +136,9 @@ def task_parser(description: str, config_cls: type) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", type=one_of("auto", *DTYPES),
                    help="networks' precision (auto: bfloat16/float16 on CUDA, float32 on CPU); "
                         "losses, adjoint state and gradients stay float32")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: 1 on mini, whose tiny tensors run fastest on one and give "
+                        "the notebooks' numbers; torch's default on sd)")
     p.add_argument("--out", default=None, help="output folder (default outputs/<task>/<profile>)")
     p.add_argument("--force", action="store_true", help="allow --out inside the shipped data/ folder")
     for f in dataclasses.fields(config_cls):  # every setting, e.g. --iterations 30 --lr 0.05
@@ -170,9 +172,9 @@ def run_cli(module: types.ModuleType, description: str, argv: Sequence[str] | No
     config_cls = module.CONFIG
     a = task_parser(description, config_cls).parse_args(argv)
     out = out_folder(a.out, a.force)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     name = resolve_profile(a.profile)
+    if a.threads or name == "mini":
+        torch.set_num_threads(a.threads or 1)
     overrides = {f.name: (tuple(v) if isinstance(v, list) else v) for f in dataclasses.fields(config_cls)
                  if (v := getattr(a, f.name, None)) is not None}
     cfg = validate(module.default_config(name, **overrides))

@@ -178,3 +178,13 @@ def test_download_size_is_announced_from_the_hub_listing(monkeypatch, capsys):
     assert "3.1 GiB" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert loading.download_size("org/model") is None
+
+
+def test_half_precision_load_keeps_the_vae_weights_exact(local_files):
+    from adjoint_lib.tasks import load_sd
+
+    model = load_sd(str(local_files / "sd"), device="cpu", dtype="bfloat16")
+    ref = tiny_sd_components(0)  # what the fixture saved
+    assert model.dtype == torch.bfloat16 and next(model.vae.parameters()).dtype == torch.float32
+    for (n, a), (_, b) in zip(model.vae.named_parameters(), ref["vae"].named_parameters()):
+        assert torch.equal(a, b), n

@@ -111,6 +111,17 @@ def freeze(*modules: torch.nn.Module | None) -> None:
             m.eval().requires_grad_(False)
 
 
+def pipeline_dtypes(dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]:
+    """``torch_dtype`` for ``from_pretrained``: the VAE read in float32 straight from its file (not
+    rounded through half precision first) where diffusers takes a per-component dict (>= 0.33)."""
+    import diffusers
+    from packaging.version import Version
+
+    if dtype == torch.float32 or Version(diffusers.__version__) < Version("0.33"):
+        return dtype
+    return {"default": dtype, "vae": torch.float32}
+
+
 def load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
     """A diffusers text-to-image pipeline (SD 1.x/2.x or SDXL) from a hub id, a local folder or a
     single-file checkpoint, without the safety checker. Raises :func:`load_failure`'s error."""
@@ -130,7 +141,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
         if not local and not is_offline():
             announce_download(model_id, "Stable Diffusion", ("unet", "vae", "text_encoder", "text_encoder_2",
                                                              "tokenizer", "tokenizer_2", "scheduler"))
-        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype, safety_checker=None,
+        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=pipeline_dtypes(dtype), safety_checker=None,
                                                  local_files_only=local or is_offline())
     except Exception as exc:  # noqa: BLE001 (hub, file-format and config errors: one clear message)
         raise load_failure("Stable Diffusion", model_id, tried, exc, flag="--model-id", env=SD_MODEL_ENV) from exc

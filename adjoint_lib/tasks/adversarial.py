@@ -200,13 +200,18 @@ def generate_images(model: TaskModel, prompts: Sequence[str], x_T: Tensor, cfg: 
 
 @torch.no_grad()
 def select_pairs(model: TaskModel, auditors: Auditors, cfg: AttackConfig, *,
-                 require_judge: bool = True, labels_from_auditee: bool = False,
+                 require_judge: bool | None = None, labels_from_auditee: bool | None = None,
                  progress: bool = True) -> AuditPairs:
     """Generate candidates until ``cfg.n_pairs`` images are read correctly by the auditee
     (and, with ``require_judge``, by the judge too, so the judge's verdict afterwards
     measures whether the content survived). Seeds ``seed*100000 + i``.
     ``labels_from_auditee``: take the auditee's own reading of each clean image as its
-    label (for random CI classifiers, whose classes mean nothing)."""
+    label (for classifiers whose classes the prompts do not name, e.g. random CI ones).
+    Defaults: from ``cfg.labels_from`` (``"auditee"``: no judge requirement)."""
+    if labels_from_auditee is None:
+        labels_from_auditee = cfg.labels_from == "auditee"
+    if require_judge is None:
+        require_judge = not labels_from_auditee
     prompts, labels = candidate_prompts(model, cfg.max_candidates, cfg.seed,
                                         {i: n.split(",")[0] for i, n in auditors.class_names.items()})
     model.check_prompts(prompts)

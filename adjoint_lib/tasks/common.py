@@ -225,7 +225,7 @@ def tiny_sd_components(seed: int = 0) -> dict[str, Any]:
                         norm_num_groups=8, sample_size=16)
     freeze(text_encoder, unet, vae)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 

@@ -40,3 +40,17 @@ def test_setup_cell_runs_outside_colab_and_installs_on_colab(monkeypatch) -> Non
         sys.path[:] = path_before
     assert calls[0][:2] == ["git", "clone"] and REPO_URL in calls[0]
     assert calls[1][1:5] == ["-m", "pip", "install", "-q"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_apply_installs_the_setup_cell_and_keeps_the_rest(path: Path, tmp_path: Path) -> None:
+    from adjoint_lib.notebook_setup import apply
+
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    before = [c.source for c in nbformat.read(copy, as_version=4).cells if c.cell_type == "code"]
+    apply(copy)
+    assert not apply(copy)  # idempotent
+    code = [c.source for c in nbformat.read(copy, as_version=4).cells if c.cell_type == "code"]
+    assert code[0] == SETUP_CELL and "HF_HUB_OFFLINE" not in "\n".join(code)
+    assert code[-len(before) + 1:] == before[1:]  # every later cell untouched

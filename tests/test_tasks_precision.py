@@ -54,3 +54,23 @@ def test_generate_takes_an_explicit_timestep_grid() -> None:
     a = model.generate(x_T, cond, timesteps=torch.tensor([999.0, 700.0, 400.0, 100.0]), order=1)
     b = model.generate(x_T, cond, steps=4, order=1)
     assert a.shape == b.shape and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_token_gradient_through_a_half_precision_text_encoder_does_not_underflow(dtype) -> None:
+    """A loss gradient of ~1e-9 per element (an MSE over many pixels is ~1e-7) rounds to zero
+    in float16 when cast directly; carried at unit scale it matches the float32 gradient."""
+    grads = {}
+    for dt in ("float32", dtype):
+        model = load_sd("tiny", device="cpu", dtype=dt)
+        model.unet.float()  # isolate the text encoder: only it runs in half precision
+        tok, tid = ee.add_token(model, "<effect>", "a")
+        v = ee.embedding_row(tok, tid).requires_grad_(True)
+        cond = tok.encode(["a red seven <effect>"], token_vectors={tid: v})
+        w = torch.randn(cond.shape, generator=torch.Generator().manual_seed(0))
+        ((cond * w).sum() * 1e-9).backward()
+        grads[dt] = v.grad
+    g32, gh = grads["float32"], grads[dtype]
+    assert gh.abs().max() > 0 and torch.isfinite(gh).all()
+    cos = torch.nn.functional.cosine_similarity(g32, gh, dim=0)
+    assert cos > 0.99 and 0.9 < float(gh.norm() / g32.norm()) < 1.1

@@ -47,6 +47,52 @@ class Profile:
         return self.name == "mini"
 
 
+class ScaledHalfGrad:
+    """Carry a float32 gradient through a half-precision network without underflow.
+
+    ``exit(y)`` returns ``y.float()``; in the backward pass it scales the incoming gradient ``g``
+    to ``g / max|g|`` before casting it to half precision (pixel-MSE gradients of ~1e-7 per
+    element are below float16's normal range and would round to zero). ``enter(v, dtype)``
+    returns ``v`` cast to ``dtype``; its backward multiplies the gradient that arrives by the
+    recorded ``max|g|`` in float32. Between the two the network is linear in its cotangent, so
+    the result is the exact gradient, computed at unit scale."""
+
+    def __init__(self) -> None:
+        self.scale: Tensor | None = None
+
+    def exit(self, y: Tensor) -> Tensor:
+        return _Exit.apply(y, self)
+
+    def enter(self, v: Tensor, dtype: torch.dtype) -> Tensor:
+        return _Enter.apply(v, dtype, self)
+
+
+class _Exit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, holder: ScaledHalfGrad) -> Tensor:
+        ctx.holder, ctx.dtype = holder, y.dtype
+        return y.float()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        m = g.detach().abs().amax().float()
+        m = torch.where(m > 0, m, torch.ones_like(m))
+        ctx.holder.scale = m
+        return (g.float() / m).to(ctx.dtype), None
+
+
+class _Enter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: Tensor, dtype: torch.dtype, holder: ScaledHalfGrad) -> Tensor:
+        ctx.holder, ctx.dtype = holder, v.dtype
+        return v.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        scale = ctx.holder.scale if ctx.holder.scale is not None else 1.0
+        return g.to(ctx.dtype) * scale, None, None
+
+
 @dataclass
 class TaskModel:
     """A text-to-image diffusion model as the tasks see it.
@@ -104,21 +150,26 @@ class TaskModel:
     def encode(self, prompts: Sequence[str], token_vectors: dict[int, Tensor] | None = None) -> Tensor:
         """Text embeddings (B, L, D), float32, of ``prompts``. ``token_vectors`` maps token ids
         to input embeddings that replace the lookup table's rows for this call (how a new token
-        is learned: gradients flow through the text encoder into those vectors)."""
+        is learned: gradients flow through the text encoder into those vectors; through a
+        half-precision encoder they travel scaled to unit max-norm, see :class:`ScaledHalfGrad`)."""
         ids = self.token_ids(prompts)
         if not token_vectors:
             return self.text_encoder(ids)[0].float()
+        half = next(self.text_encoder.parameters()).dtype in (torch.float16, torch.bfloat16)
+        scale = ScaledHalfGrad() if half else None
 
         def swap(module: torch.nn.Module, inputs: tuple, out: Tensor) -> Tensor:
             for tid, vec in token_vectors.items():
-                out = torch.where((inputs[0] == tid)[..., None], vec.to(out.dtype), out)
+                v = scale.enter(vec, out.dtype) if scale is not None else vec.to(out.dtype)
+                out = torch.where((inputs[0] == tid)[..., None], v, out)
             return out
 
         handle = self.text_encoder.get_input_embeddings().register_forward_hook(swap)
         try:
-            return self.text_encoder(ids)[0].float()
+            out = self.text_encoder(ids)[0]
         finally:
             handle.remove()
+        return scale.exit(out) if scale is not None else out.float()
 
     def null(self) -> Tensor:
         """Embedding of the empty prompt (1, L, D), for classifier-free guidance."""

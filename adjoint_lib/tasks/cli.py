@@ -81,6 +81,7 @@ def one_of(*choices: str) -> Callable[[Any], str]:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
         return text
     check.__name__ = "one of " + "|".join(choices)
+    check.choices = choices  # shown as the flag's metavar
     return check
 
 
@@ -122,10 +123,15 @@ def validate(cfg: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- the parser
-def task_parser(description: str, config_cls: type) -> argparse.ArgumentParser:
+def _metavar(check: Callable[[Any], Any]) -> str | None:
+    choices = getattr(check, "choices", None)
+    return "{" + ",".join(choices) + "}" if choices else None
+
+
+def task_parser(description: str, config_cls: type, prog: str | None = None) -> argparse.ArgumentParser:
     """Shared flags plus one ``--some-setting`` per field of ``config_cls`` (unset settings keep
     the profile's defaults)."""
-    p = argparse.ArgumentParser(description=description + " Prints one JSON line of metrics.")
+    p = argparse.ArgumentParser(prog=prog, description=description + " Prints one JSON line of metrics.")
     p.add_argument("--profile", choices=("mini", "sd"), default=None,
                    help="default: $ADJOINTDPM_PROFILE, else sd with CUDA, else mini")
     p.add_argument("--model-id", default=None,
@@ -133,7 +139,7 @@ def task_parser(description: str, config_cls: type) -> argparse.ArgumentParser:
                         "else stable-diffusion-v1-5/stable-diffusion-v1-5; 'tiny': random CI model)")
     p.add_argument("--mini-path", default=None, help="mini: folder of the MiniSD model (default data/mini)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="auto", type=one_of("auto", *DTYPES),
+    p.add_argument("--dtype", default="auto", type=one_of("auto", *DTYPES), metavar=_metavar(one_of("auto", *DTYPES)),
                    help="networks' precision (auto: bfloat16/float16 on CUDA, float32 on CPU); "
                         "losses, adjoint state and gradients stay float32")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -148,7 +154,7 @@ def task_parser(description: str, config_cls: type) -> argparse.ArgumentParser:
         if kind is tuple:
             p.add_argument(flag, nargs="+", default=None, help=help_)
         else:
-            p.add_argument(flag, type=field_check(f), default=None, help=help_)
+            p.add_argument(flag, type=field_check(f), default=None, help=help_, metavar=_metavar(field_check(f)))
     return p
 
 
@@ -170,7 +176,9 @@ def run_cli(module: types.ModuleType, description: str, argv: Sequence[str] | No
     from .common import load_task_model
 
     config_cls = module.CONFIG
-    a = task_parser(description, config_cls).parse_args(argv)
+    spec = getattr(module, "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None else None
+    a = task_parser(description, config_cls, prog).parse_args(argv)
     out = out_folder(a.out, a.force)
     name = resolve_profile(a.profile)
     if a.threads or name == "mini":

@@ -134,7 +134,7 @@ def test_failed_loads_say_what_was_tried_and_the_ways_out(tmp_path, local_files)
     with pytest.raises(LoadError) as e:
         load_sd("bogus-org/no-such-model-xyz")
     msg = str(e.value)
-    assert "offline" in msg and "--model-id" in msg and "$ADJOINTDPM_SD_MODEL" in msg and "--profile mini" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "--model-id" in msg and "$ADJOINTDPM_SD_MODEL" in msg and "--profile mini" in msg
     assert len(msg) < 900
     with pytest.raises(LoadError, match="from_single_file"):
         load_sd(str(tmp_path / "missing.safetensors"))
@@ -157,27 +157,38 @@ def test_model_id_and_metric_networks_follow_the_environment(monkeypatch, local_
     assert isinstance(st.default_features(model), st.HFFeatures)
 
 
-def test_download_size_is_announced_from_the_hub_listing(monkeypatch, capsys):
+def test_download_size_is_announced_and_an_unreachable_hub_fails_fast(monkeypatch, capsys):
     """Online, the weights (non-variant safetensors) and configs of the needed folders are summed
-    and printed before the download; offline nothing is asked."""
+    and printed before the download; when the hub does not answer, only the local cache is read
+    and the failure comes at once, with the ways out."""
+    import time
     import types
 
     import huggingface_hub
 
-    from adjoint_lib.tasks import loading
+    from adjoint_lib.tasks import load_sd, loading
 
     files = {"unet/diffusion_pytorch_model.safetensors": 3_000_000_000,
              "unet/diffusion_pytorch_model.fp16.safetensors": 1_500_000_000, "unet/config.json": 1_000,
              "vae/diffusion_pytorch_model.safetensors": 300_000_000, "v1-5-pruned.safetensors": 7_000_000_000,
              "safety_checker/model.safetensors": 1_000_000_000}
     info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=k, size=v) for k, v in files.items()])
+    assert loading.download_size(info, ("unet", "vae")) == 3_300_001_000
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: info)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert loading.download_size("org/model", ("unet", "vae")) == 3_300_001_000
-    loading.announce_download("org/model", "Stable Diffusion", ("unet", "vae"))
+    assert loading.hub_source("org/model", "Stable Diffusion", ("unet", "vae")) == (False, "hub id")
     assert "3.1 GiB" in capsys.readouterr().out
+
+    def unreachable(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    t0 = time.perf_counter()
+    with pytest.raises(LoadError, match="did not answer \\(ConnectionError\\).*--profile mini"):
+        load_sd("bogus-org/no-such-model-xyz")
+    assert time.perf_counter() - t0 < 30
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert loading.download_size("org/model") is None
+    assert loading.hub_source("org/model", "x")[0] is True
 
 
 def test_half_precision_load_keeps_the_vae_weights_exact(local_files):

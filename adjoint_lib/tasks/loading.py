@@ -11,6 +11,7 @@ float32 whatever the networks' dtype.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ SD_MODEL_ENV = "ADJOINTDPM_SD_MODEL"
 TINY = "tiny"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# recent diffusers rename ``torch_dtype`` to ``dtype``; older ones know only the former
+warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
 
 
 def is_offline() -> bool:
@@ -66,26 +69,16 @@ def load_failure(what: str, model_id: str, tried: str, exc: BaseException, *, fl
     """One short paragraph: what was tried, why it failed, and the three ways out."""
     first = (str(exc).strip().splitlines() or [""])[0]
     first = first if len(first) <= 200 else first[:197] + "..."
-    where = ("offline (HF_HUB_OFFLINE=1): it is not in the local Hugging Face cache" if is_offline()
-             else "from the Hugging Face Hub or a local path")
     return LoadError(
-        f"could not load {what} {model_id!r} {where}; tried {tried} ({type(exc).__name__}: {first}). "
+        f"could not load {what} {model_id!r}; tried {tried} ({type(exc).__name__}: {first}). "
         f"Ways out: (1) go online once (unset HF_HUB_OFFLINE; `huggingface-cli login` if the repository "
         f"is gated) so it is downloaded into the cache; (2) pass a local folder or file with {flag} or "
         f"${env}; (3) run the CPU profile instead: --profile mini.")
 
 
-def download_size(model_id: str, folders: tuple[str, ...] = ()) -> int | None:
-    """Bytes of the ``.safetensors`` weights (non-variant) and configs of a hub repository, in
-    ``folders`` when given; ``None`` when the hub cannot be asked (offline, no network)."""
-    if is_offline() or Path(model_id).exists():
-        return None
-    try:
-        from huggingface_hub import model_info
-
-        info = model_info(model_id, files_metadata=True, timeout=10)
-    except Exception:  # noqa: BLE001 (best effort: the download itself reports real errors)
-        return None
+def download_size(info: Any, folders: tuple[str, ...] = ()) -> int:
+    """Bytes of the ``.safetensors`` weights (non-variant) and configs listed in a hub
+    repository's ``model_info``, in ``folders`` when given."""
     total = 0
     for s in info.siblings or []:
         name = s.rfilename
@@ -97,12 +90,28 @@ def download_size(model_id: str, folders: tuple[str, ...] = ()) -> int | None:
     return total
 
 
-def announce_download(model_id: str, what: str, folders: tuple[str, ...] = ()) -> None:
-    """Print the size of what :func:`load_sd` is about to fetch from the hub (when it can tell)."""
-    size = download_size(model_id, folders)
+def hub_source(model_id: str, what: str, folders: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Where ``from_pretrained`` should read ``model_id``: ``(local_files_only, description)``.
+
+    A local folder, or ``HF_HUB_OFFLINE=1``: local files only. Otherwise the hub is asked for
+    the repository's listing first (10 s timeout): when it answers, the size of the download is
+    printed; when it does not (no network, unknown or gated repository), only the local cache is
+    read, so a failure is reported at once instead of after minutes of retries."""
+    if Path(model_id).is_dir():
+        return True, "local folder"
+    if is_offline():
+        return True, "hub id, local cache only (offline: HF_HUB_OFFLINE=1)"
+    try:
+        from huggingface_hub import model_info
+
+        info = model_info(model_id, files_metadata=True, timeout=10)
+    except Exception as exc:  # noqa: BLE001 (network, unknown or gated repository: try the cache)
+        return True, f"hub id; the hub did not answer ({type(exc).__name__}), so the local cache only"
+    size = download_size(info, folders)
     if size:
         print(f"{what} {model_id!r}: about {size / 2**30:.1f} GiB from the Hugging Face Hub "
               "(once; later runs read the local cache)", flush=True)
+    return False, "hub id"
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:
@@ -128,33 +137,31 @@ def load_pipeline(model_id: str, dtype: torch.dtype) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     path = Path(model_id)
+    tried = "StableDiffusionPipeline.from_single_file (single-file checkpoint)"
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
-            tried = "StableDiffusionPipeline.from_single_file (single-file checkpoint)"
             if not path.is_file():
                 raise FileNotFoundError(f"no such checkpoint file: {path}")
             return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, safety_checker=None,
                                                            local_files_only=is_offline())
-        local = path.is_dir()
-        tried = ("DiffusionPipeline.from_pretrained (local diffusers folder)" if local
-                 else "DiffusionPipeline.from_pretrained (hub id" + (", local cache only)" if is_offline() else ")"))
-        if not local and not is_offline():
-            announce_download(model_id, "Stable Diffusion", ("unet", "vae", "text_encoder", "text_encoder_2",
-                                                             "tokenizer", "tokenizer_2", "scheduler"))
+        local_only, source = hub_source(model_id, "Stable Diffusion", ("unet", "vae", "text_encoder",
+                                                                      "text_encoder_2", "tokenizer", "tokenizer_2",
+                                                                      "scheduler"))
+        tried = f"DiffusionPipeline.from_pretrained ({source})"
         return DiffusionPipeline.from_pretrained(model_id, torch_dtype=pipeline_dtypes(dtype), safety_checker=None,
-                                                 local_files_only=local or is_offline())
+                                                 local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001 (hub, file-format and config errors: one clear message)
         raise load_failure("Stable Diffusion", model_id, tried, exc, flag="--model-id", env=SD_MODEL_ENV) from exc
 
 
 def load_hf(cls: Callable[..., Any], model_id: str, what: str, *, flag: str, env: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model_id)`` for a ``transformers`` metric network, offline-aware,
-    with :func:`load_failure`'s message on any failure."""
-    local = Path(model_id).is_dir()
-    tried = f"{getattr(cls, '__name__', cls)}.from_pretrained (" + ("local folder)" if local else "hub id)")
+    """``cls.from_pretrained(model_id)`` for a ``transformers`` metric network (see
+    :func:`hub_source`), with :func:`load_failure`'s message on any failure."""
+    name = getattr(cls, "__name__", str(cls))
+    tried = f"{name}.from_pretrained"
     try:
-        if not local and not is_offline():
-            announce_download(model_id, what)
-        return cls.from_pretrained(model_id, local_files_only=local or is_offline(), **kwargs)
+        local_only, source = hub_source(model_id, what)
+        tried = f"{name}.from_pretrained ({source})"
+        return cls.from_pretrained(model_id, local_files_only=local_only, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise load_failure(what, model_id, tried, exc, flag=flag, env=env) from exc

@@ -25,15 +25,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .gradient_methods import Adjoint, Backprop, Checkpoint, GradMethod, resolve_grad
 from .schedule import VPSchedule
 from .solvers import Grid, lambda_weights, make_grid, solve
 
 Tensor = torch.Tensor
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
 
-GRAD_MODES = (None, "adjoint", "checkpoint", "backprop")
-TRAJECTORIES = ("backsolve", "cache")
-SCHEMES = ("transpose", "continuous")
+__all__ = ["sample", "SampleStats", "pack_cond"]
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _model_t(t: float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
 
 
-def _pack_cond(cond: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
+def pack_cond(cond: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
     """Flatten ``cond`` (None, a tensor or a tuple/list of tensors) and return a rebuild."""
     if cond is None:
         return [], lambda ts: None
@@ -72,6 +71,23 @@ def _pack_cond(cond: Any) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], An
         return list(cond), lambda ts: kind(ts)
     raise TypeError("cond must be None, a tensor or a tuple of tensors, "
                     f"got {type(cond).__name__}")
+
+
+def _unique_params(params: Sequence[Tensor], cond_tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``params`` without repeats and without the tensors already in ``cond`` (those receive
+    their gradient as conditioning), each checked to require grad."""
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a sequence of tensors (e.g. list(module.parameters())), got a tensor")
+    seen = {id(c) for c in cond_tensors}
+    out = []
+    for j, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.requires_grad:
+            raise ValueError(f"params[{j}] does not require grad: it would never receive a "
+                             "gradient (call .requires_grad_() or leave it out of params)")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return tuple(out)
 
 
 def _leaves(root: Tensor) -> set[int]:
@@ -89,7 +105,8 @@ def _leaves(root: Tensor) -> set[int]:
 
 
 def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats, phase: str):
-    """``eps_at(i, y, cond_tensors)``: eps at grid node ``i`` with ``x = alpha_i y``."""
+    """``eps_at(i, y, cond_tensors)``: eps at grid node ``i`` with ``x = alpha_i y``, in ``y``'s
+    dtype; in the forward pass a non-finite eps is refused naming the step."""
     def eps_at(i: int, y: Tensor, cond_tensors: Sequence[Tensor]) -> Tensor:
         x = y * grid.alpha(i)
         eps = eps_fn(x, _model_t(grid.node_t(i), x), rebuild(cond_tensors))
@@ -97,25 +114,48 @@ def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats
             raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {getattr(eps, 'shape', type(eps))}")
         setattr(stats, phase, getattr(stats, phase) + 1)
+        if phase == "nfe_forward" and not bool(torch.isfinite(eps).all()):
+            raise FloatingPointError(f"eps_fn returned a non-finite eps in the forward pass at step {i} "
+                                     f"(t={grid.node_t(i):.2f}, rho={grid.rho[i]:.4g}): check the model, "
+                                     "its dtype and the conditioning")
         return eps.to(y.dtype)
     return eps_at
 
 
 # ------------------------------------------------------------------------- autograd
+@dataclass(frozen=True)
+class _Spec:
+    """Everything the autograd Function needs besides its tensor inputs."""
+
+    grid: Grid
+    order: int
+    method: Adjoint | Checkpoint
+    n_cond: int
+    stats: SampleStats
+    params: tuple[Tensor, ...]
+    progress: bool
+    eps_at_fwd: Callable
+    eps_at_bwd: Callable
+
+    @property
+    def cached(self) -> bool:
+        """The forward grid states are kept (``Checkpoint``, ``Adjoint(trajectory="cache")``)."""
+        return self.method.trajectory == "cache"
+
+
 class _AdjointSampler(torch.autograd.Function):
     """Forward: solve under no_grad. Backward: continuous adjoint or exact discrete adjoint."""
 
     @staticmethod
-    def forward(ctx, spec: dict, x_T: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        grid: Grid = spec["grid"]
-        n_cond = spec["n_cond"]
-        cond_tensors = tensors[:n_cond]
-        eps_at = spec["eps_at_fwd"]
+    def forward(ctx, spec: _Spec, x_T: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        grid = spec.grid
+        cond_tensors = tensors[:spec.n_cond]
+        eps_at = spec.eps_at_fwd
         states: list[Tensor] = []
-        keep = spec["trajectory"] == "cache"
-        y_N = solve(lambda i, y: eps_at(i, y, cond_tensors), x_T / grid.alpha(0), grid, spec["order"],
+        keep = spec.cached
+        y_N = solve(lambda i, y: eps_at(i, y, cond_tensors), x_T / grid.alpha(0), grid, spec.order,
                     on_state=(lambda i, y: states.append(y)) if keep else None,
-                    progress=spec["progress"])
+                    progress=spec.progress)
         ctx.spec = spec
         # backsolve: x_T too, to measure how well the backward pass re-solves the trajectory
         ctx.save_for_backward(*(states if keep else [y_N]), *cond_tensors, *([] if keep else [x_T]))
@@ -123,19 +163,19 @@ class _AdjointSampler(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x0: Tensor):  # type: ignore[override]
-        spec = ctx.spec
-        n_cond, grid = spec["n_cond"], spec["grid"]
+        spec: _Spec = ctx.spec
+        n_cond, grid = spec.n_cond, spec.grid
         saved = list(ctx.saved_tensors)
-        x_T = saved.pop() if spec["trajectory"] == "backsolve" else None
+        x_T = None if spec.cached else saved.pop()
         states, cond_saved = saved[:len(saved) - n_cond], saved[len(saved) - n_cond:]
-        params: tuple[Tensor, ...] = spec["params"]
+        params = spec.params
         cond_req = [ctx.needs_input_grad[2 + j] for j in range(n_cond)]
         cond_in = [c.detach().requires_grad_(r) for c, r in zip(cond_saved, cond_req)]
-        run = _backward_continuous if spec["scheme"] == "continuous" else _backward_transpose
+        run = _backward_continuous if spec.method.scheme == "continuous" else _backward_transpose
         with torch.enable_grad():
             g_xT, g_cond, g_par, y_0 = run(spec, grid, states, cond_in, cond_req, params, grad_x0)
         if x_T is not None:
-            _check_backsolve(y_0, x_T / grid.alpha(0), spec["stats"])
+            _check_backsolve(y_0, x_T / grid.alpha(0), spec.stats)
         unused = [j for j, g in enumerate(g_par) if g is None]
         if unused:
             raise ValueError(f"params{unused} are never used by eps_fn: they would get no gradient")
@@ -153,7 +193,13 @@ def _vjp(eps_at: Callable, i: int, y: Tensor, cond_in: list[Tensor], cond_req: l
     yv = y.detach().requires_grad_(True)
     eps = eps_at(i, yv, cond_in)
     wrt = [yv] + [c for c, r in zip(cond_in, cond_req) if r] + list(params)
-    grads = torch.autograd.grad(eps, wrt, grad_outputs=g.to(eps.dtype), allow_unused=True)
+    # The vjp is linear in g: take it with the unit-norm cotangent and scale back in at least
+    # float32, so a half-precision network never sees (and underflows on) a tiny cotangent.
+    acc = torch.promote_types(g.dtype, torch.float32)
+    scale = g.detach().to(acc).norm()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    grads = torch.autograd.grad(eps, wrt, grad_outputs=(g.to(acc) / scale).to(eps.dtype), allow_unused=True)
+    grads = [None if d is None else d.to(torch.promote_types(d.dtype, acc)) * scale for d in grads]
     gy = grads[0] if grads[0] is not None else torch.zeros_like(y)
     it = iter(grads[1:1 + sum(cond_req)])
     gc = [next(it) if r else None for r in cond_req]
@@ -165,10 +211,13 @@ def _add(acc: list, new: list, w: float) -> list:
     return [a if n is None else (w * n if a is None else a + w * n) for a, n in zip(acc, new)]
 
 
-def _check_finite(a: Tensor, k: int, grid: Grid) -> None:
-    if not bool(torch.isfinite(a).all()):
-        raise FloatingPointError(f"non-finite gradient in the backward pass at step {k} "
-                                 f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
+def _check_finite(a: Tensor | Sequence[Tensor | None], k: int, grid: Grid, what: str = "x_T") -> None:
+    """Refuse a non-finite adjoint state or accumulated gradient, naming the step and the input."""
+    for j, g in enumerate([a] if isinstance(a, Tensor) else a):
+        if g is not None and not bool(torch.isfinite(g).all()):
+            name = what if isinstance(a, Tensor) else f"{what}[{j}]"
+            raise FloatingPointError(f"non-finite gradient of {name} in the backward pass at step {k} "
+                                     f"(t={grid.node_t(k):.2f}, rho={grid.rho[k]:.4g})")
 
 
 BACKSOLVE_WARN = 0.5
@@ -186,7 +235,7 @@ def _check_backsolve(y_0: Tensor, y_0_true: Tensor, stats: SampleStats) -> None:
                       RuntimeWarning, stacklevel=2)
 
 
-def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
+def _backward_continuous(spec: _Spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
     """``scheme="continuous"``: integrate ``(y, a, g_c, g_theta)`` from ``rho_N`` back to ``rho_0``.
 
     With ``a = dL/dy``, ``J = deps/dy`` and ``U = a^T deps/d(c, theta)``:
@@ -209,7 +258,8 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
     nodes ``k, k+1, k+2`` (``U ~ rho^-mu`` again factored out); one more vjp at ``rho_0``
     closes the last interval (``N + 1`` evaluations in all; ``N`` for ``x_T`` alone).
     """
-    N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
+    N, order, eps_at = grid.steps, spec.order, spec.eps_at_bwd
+    cached = spec.cached
     y = states[-1]
     a = grad_x0 * grid.alpha(N)
     g_cond: list = [None] * len(cond_in)
@@ -231,14 +281,14 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
         for j, wj in w.items():
             g_cond, g_par = _add(g_cond, nodes[j][2], wj), _add(g_par, nodes[j][3], wj)
 
-    for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec["progress"], leave=False):
+    for k in tqdm(range(N - 1, -1, -1), desc="adjoint", disable=not spec.progress, leave=False):
         node = k + 1
         rho_n, rho_k = grid.rho[node], grid.rho[k]
-        eps, v, uc, up = _vjp(eps_at, node, states[node] if len(states) > 1 else y, cond_in, cond_req, params, a)
+        eps, v, uc, up = _vjp(eps_at, node, states[node] if cached else y, cond_in, cond_req, params, a)
         nodes[node] = (v, a, uc, up)
         if node < N:
             close_interval(node)
-        if len(states) == 1:
+        if not cached:
             eps_hist = ([eps] + eps_hist)[:order]
             y = y + sum(wj * e for wj, e in zip(grid.backward_weights(k, order), eps_hist))
         if rho_n == 0.0:  # first order in rho from rho = 0, where mu = 0
@@ -253,10 +303,14 @@ def _backward_continuous(spec, grid: Grid, states, cond_in, cond_req, params, gr
                 for wj, j in zip(lw, js))
         nodes.pop(node + 2, None)  # no later step or interval reaches back this far
         _check_finite(a, k, grid)
+        _check_finite(g_cond, k, grid, "cond")
+        _check_finite(g_par, k, grid, "params")
     if any(cond_req) or params:
-        _, v, uc, up = _vjp(eps_at, 0, states[0] if len(states) > 1 else y, cond_in, cond_req, params, a)
+        _, v, uc, up = _vjp(eps_at, 0, states[0] if cached else y, cond_in, cond_req, params, a)
         nodes[0] = (v, a, uc, up)
         close_interval(0)
+        _check_finite(g_cond, 0, grid, "cond")
+        _check_finite(g_par, 0, grid, "params")
     return a / grid.alpha(0), g_cond, g_par, y
 
 
@@ -271,7 +325,7 @@ def _mu(v: Tensor, a: Tensor, rho: float) -> float:
     return min(MU_MAX, max(-MU_MAX, rho * float((v * a).sum()) / denom))
 
 
-def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
+def _backward_transpose(spec: _Spec, grid: Grid, states, cond_in, cond_req, params, grad_x0: Tensor):
     """``scheme="transpose"``: the adjoint equations stepped by the transpose of the forward step.
 
     The forward step ``y_{i+1} = y_i + sum_j w_{i,j} eps_{i-j}`` has the exact reverse mode
@@ -286,9 +340,9 @@ def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, gra
     (one eps at ``y_N`` starts it: ``N + 1`` backward evaluations), and the result differs
     from the exact gradient only through that reconstruction.
     """
-    N, order, eps_at = grid.steps, spec["order"], spec["eps_at_bwd"]
+    N, order, eps_at = grid.steps, spec.order, spec.eps_at_bwd
     weights = [grid.forward_weights(i, order) for i in range(N)]
-    cached = len(states) > 1
+    cached = spec.cached
     y = states[-1]
     abar: dict[int, Tensor] = {N: grad_x0 * grid.alpha(N)}  # dL/dy_N
     g_cond: list = [None] * len(cond_in)
@@ -297,7 +351,7 @@ def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, gra
     if not cached:
         with torch.no_grad():
             eps_hist = [eps_at(N, y, cond_in)]
-    for m in tqdm(range(N - 1, -1, -1), desc=spec["mode"], disable=not spec["progress"], leave=False):
+    for m in tqdm(range(N - 1, -1, -1), desc=spec.method.name, disable=not spec.progress, leave=False):
         if cached:
             y = states[m]
         else:
@@ -310,17 +364,20 @@ def _backward_transpose(spec, grid: Grid, states, cond_in, cond_req, params, gra
         abar.pop(m + order + 1, None)
         eps_hist = ([eps] + eps_hist)[:order]
         _check_finite(abar[m], m, grid)
+        _check_finite(g_cond, m, grid, "cond")
+        _check_finite(g_par, m, grid, "params")
     return abar[0] / grid.alpha(0), g_cond, g_par, y
 
 
 # ------------------------------------------------------------------------- entry point
 def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule,
-           steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
-           order: int = 1, grad: str | None = None, params: Sequence[Tensor] = (),
-           trajectory: str = "backsolve", scheme: str = "transpose", spacing: str = "logsnr",
+           steps: int | Grid | None = None, timesteps: Sequence[float] | Tensor | None = None,
+           order: int = 1, grad: str | GradMethod | None = None, params: Sequence[Tensor] = (),
+           trajectory: str | None = None, scheme: str | None = None, spacing: str = "logsnr",
            t_start: float | None = None, t_end: float | None = None,
            stats: SampleStats | None = None, progress: bool = False) -> Tensor:
-    """Sample ``x_0`` by the reparameterized probability-flow ODE; optionally differentiable.
+    """Sample ``x_0`` by the reparameterized probability-flow ODE ``dy/drho = eps``; optionally
+    differentiable with respect to ``x_T``, ``cond`` and ``params``.
 
     Args:
         eps_fn: ``eps_fn(x, t, cond) -> eps`` (``t``: tensor (B,) of model timesteps,
@@ -328,66 +385,75 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             (see ``adjoint_lib.models.UNetEps``).
         x_T: initial noise (B, ...). cond: None, a tensor, or a tuple of tensors.
         schedule: the :class:`VPSchedule`.
-        steps / timesteps: either ``steps`` grid intervals with ``spacing`` (``"logsnr"``,
-            ``"time"``, ``"quadratic"``) from ``t_start`` to ``t_end``, or an explicit
+        steps / timesteps: ``steps`` grid intervals with ``spacing`` (``"logsnr"``,
+            ``"time"``, ``"quadratic"``) from ``t_start`` to ``t_end``; or a ready
+            :class:`~adjoint_lib.Grid` (``make_grid``) as ``steps``; or an explicit
             decreasing sequence of model timesteps (e.g. a diffusers scheduler's
             ``timesteps``), whose last step ends at ``schedule.rho_end``.
         order: 1 (DDIM), 2 or 3 (DPM-Solver multistep), exponential integrators in lambda.
-        grad: ``None`` (no graph), ``"adjoint"`` (AdjointDPM: O(1) memory with
-            ``trajectory="backsolve"``, or read the forward grid states with ``"cache"``),
-            ``"checkpoint"`` (exact gradient of the discrete sampler, stores the N grid
-            states) or ``"backprop"`` (autograd through the loop; memory grows with steps).
-        scheme: how ``grad="adjoint"`` discretizes the adjoint equations: ``"transpose"``
-            (the transpose of the forward step; on the exact trajectory it is the sampler's
-            exact gradient, so ``trajectory="cache"`` equals ``"checkpoint"``) or
-            ``"continuous"`` (their own exponential integrator with the Jacobian's scalar
-            part solved exactly: the ODE's gradient, O(N^-order) from the sampler's; the
-            more robust on stiff problems sampled in very few steps).
+        grad: ``None`` (no graph), or the gradient method: an :class:`~adjoint_lib.Adjoint`,
+            :class:`~adjoint_lib.Checkpoint` or :class:`~adjoint_lib.Backprop` instance (their
+            docstrings say what each computes, its memory and cost, and when to choose it),
+            or the shortcut strings ``"adjoint"``, ``"checkpoint"``, ``"backprop"``.
+        trajectory, scheme: refine the ``"adjoint"`` shortcut (``grad="adjoint",
+            scheme="continuous"`` is ``grad=Adjoint(scheme="continuous")``); refused with any
+            other ``grad``.
         params: tensors used inside eps_fn (weights, LoRA, embeddings) that should receive
-            gradients; each must require grad.
+            gradients; each must require grad. Repeats count once, and a tensor that is also
+            in ``cond`` gets its gradient as conditioning.
         stats: a :class:`SampleStats` to fill with eps-evaluation counts.
         progress: show tqdm bars.
 
     Returns:
         ``x_0`` with the shape of ``x_T``; ``x_T``, ``cond`` and ``params`` receive
         gradients through ``loss(x_0).backward()`` when ``grad`` is set.
+
+    Precision: the network may run in float16/bfloat16; the ODE state, the adjoint state
+    and every accumulated gradient stay in float32 (a half-precision ``x_T`` is upcast, so
+    ``x_0`` comes back in float32), and each vector-Jacobian product is taken with a
+    unit-norm cotangent and scaled back, so small loss gradients do not underflow. Keep
+    trainable ``params`` in float32 (peft's LoRA adapters are): ``.grad`` has the dtype of
+    its tensor.
     """
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
-    if trajectory not in TRAJECTORIES:
-        raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {trajectory!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    method = resolve_grad(grad, trajectory, scheme)
+    if isinstance(order, bool) or not isinstance(order, int) or order not in (1, 2, 3):
+        raise ValueError(f"order must be the int 1, 2 or 3, got {order!r}")
+    if steps is not None and not isinstance(steps, Grid) and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int or a Grid, got {steps!r}")
     if not isinstance(schedule, VPSchedule):
         raise TypeError("schedule must be an adjoint_lib.VPSchedule (see VPSchedule.from_diffusers)")
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
     if not callable(eps_fn):
         raise TypeError("eps_fn must be callable as eps_fn(x, t, cond)")
-    params = tuple(params)
-    for j, p in enumerate(params):
-        if not isinstance(p, Tensor) or not p.requires_grad:
-            raise ValueError(f"params[{j}] does not require grad: it would never receive a "
-                             "gradient (call .requires_grad_() or leave it out of params)")
-    if params and grad is None:
-        raise ValueError("params were given but grad=None: pick a gradient mode")
-    grid = make_grid(schedule, steps, timesteps, spacing, t_start, t_end)
-    cond_tensors, rebuild = _pack_cond(cond)
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T contains NaN or inf: the initial noise must be finite")
+    cond_tensors, rebuild = pack_cond(cond)
+    params = _unique_params(params, cond_tensors)
+    if params and method is None:
+        raise ValueError("params were given but grad=None: pick a gradient method")
+    if isinstance(steps, Grid):
+        if timesteps is not None:
+            raise ValueError("give a Grid as steps= or timesteps=, not both")
+        grid = steps
+    else:
+        grid = make_grid(schedule, steps, timesteps, spacing, t_start, t_end)
+    if x_T.dtype in (torch.float16, torch.bfloat16):
+        x_T = x_T.float()
     stats = stats if stats is not None else SampleStats()
-    stats.mode, stats.steps, stats.order = grad, grid.steps, order
+    stats.mode, stats.steps, stats.order = None if method is None else method.name, grid.steps, order
     stats.nfe_forward = stats.nfe_backward = 0
     stats.extra.pop("backsolve_error", None)
     eps_fwd = _eps_caller(eps_fn, grid, rebuild, stats, "nfe_forward")
 
-    if grad is None:
+    if method is None:
         with torch.no_grad():
             y = solve(lambda i, y: eps_fwd(i, y, cond_tensors), x_T / grid.alpha(0), grid, order,
                       progress=progress)
         return y * grid.alpha(grid.steps)
 
-    if grad == "backprop":
+    if isinstance(method, Backprop):
         def eps_checked(i: int, y: Tensor) -> Tensor:
             eps = eps_fwd(i, y, cond_tensors)
             if i == 0 and params:
@@ -400,9 +466,7 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             y = solve(eps_checked, x_T / grid.alpha(0), grid, order, progress=progress)
         return y * grid.alpha(grid.steps)
 
-    if grad == "checkpoint":
-        trajectory, scheme = "cache", "transpose"
-    spec = dict(grid=grid, order=order, mode=grad, trajectory=trajectory, scheme=scheme,
-                n_cond=len(cond_tensors), stats=stats, params=params, progress=progress, eps_at_fwd=eps_fwd,
-                eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
+    spec = _Spec(grid=grid, order=order, method=method, n_cond=len(cond_tensors), stats=stats, params=params,
+                 progress=progress, eps_at_fwd=eps_fwd,
+                 eps_at_bwd=_eps_caller(eps_fn, grid, rebuild, stats, "nfe_backward"))
     return _AdjointSampler.apply(spec, x_T, *cond_tensors, *params)

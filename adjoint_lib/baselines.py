@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from .adjoint import SampleStats, _pack_cond
+from .adjoint import SampleStats, pack_cond
 from .schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -70,7 +70,7 @@ def raw_ode_sample(eps_fn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedul
         options["step_size"] = (t0 - t1) / steps
         stats.steps = steps
     if adjoint:
-        cond_tensors = [c for c in _pack_cond(cond)[0] if c.requires_grad]
+        cond_tensors = [c for c in pack_cond(cond)[0] if c.requires_grad]
         adj_params = tuple(cond_tensors) + tuple(params)
         out = odeint_adjoint(func, x_T, times, method=method, rtol=rtol, atol=atol, options=options,
                              adjoint_params=adj_params, adjoint_options=dict(norm="seminorm"))

@@ -32,7 +32,8 @@ from .paths import outputs_dir
 from .tasks import adversarial as adv
 from .tasks import effect_embedding as ee
 from .tasks import stylize as st
-from .tasks.cli import nonneg_int, one_of, positive_int
+from .cli import nonnegative_int, positive_int
+from .tasks.cli import one_of
 from .tasks.common import Profile, TaskModel, from_components, tiny_resnet_config, tiny_sd_components, to_device
 from .tasks.loading import DTYPES, resolve_device, resolve_dtype
 
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--dtype", type=one_of("auto", *DTYPES), default="auto")
     p.add_argument("--iterations", type=positive_int, default=2)
     p.add_argument("--batch", type=positive_int, default=1, help="prompt/noise pairs per iteration")
-    p.add_argument("--steps", type=nonneg_int, default=0, help="sampler steps (0: each task's paper setting)")
+    p.add_argument("--steps", type=nonnegative_int, default=0, help="sampler steps (0: each task's paper setting)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--out", default=None, help="results folder (default outputs/bench/sd-tasks_<device>)")
     p.add_argument("--force", action="store_true", help="allow --out inside the shipped data/ folder")

@@ -1,4 +1,5 @@
-"""Where things live: shipped data, outputs, and the active profile (``mini`` / ``sd``)."""
+"""Where things live: shipped data (``$ADJOINTDPM_DATA``), outputs (``$ADJOINTDPM_OUTPUTS``),
+and the active profile (``mini`` / ``sd``, ``$ADJOINTDPM_PROFILE``)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_dir(*parts: str) -> Path:
-    """``data/`` of the repository (shipped weights and assets)."""
-    return ROOT.joinpath("data", *parts)
+    """The shipped data (weights and assets): ``$ADJOINTDPM_DATA`` when set, else ``data/`` of
+    the repository. Set the variable when the package is installed without its repository
+    (a non-editable ``pip install``), pointing at a copy of ``data/``."""
+    base = os.environ.get("ADJOINTDPM_DATA")
+    return (Path(base).expanduser() if base else ROOT / "data").joinpath(*parts)
 
 
 def outputs_dir(*parts: str) -> Path:

@@ -80,7 +80,7 @@ class VPSchedule:
         if t.device.type == "mps":
             t = t.cpu()
         t = t.to(torch.float64)
-        if bool(torch.isnan(t).any()):
+        if t.device.type != "meta" and bool(torch.isnan(t).any()):
             raise ValueError(f"{name} contains NaN")
         return t, out
 

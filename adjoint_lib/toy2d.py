@@ -6,11 +6,12 @@ epsilon-prediction loss on the DDPM linear schedule. The conditioning vector is 
 class, replaced by zeros with probability ``p_uncond`` so the same network is also the
 unconditional model (``cond = zeros``).
 
-Train and ship the weights (a minute or two on a laptop CPU)::
+Train the weights (a minute or two on a laptop CPU)::
 
-    python -m adjoint_lib.toy2d            # writes data/toy2d/ring.safetensors + ring.json
+    python -m adjoint_lib.toy2d            # writes outputs/toy2d/ring.safetensors + ring.json
+    python -m adjoint_lib.toy2d --out data/toy2d/ring --force   # replaces the shipped ones
 
-Load them::
+Load the shipped ones (``data/toy2d/``)::
 
     model, schedule = adjoint_lib.toy2d.load_toy()
 
@@ -33,8 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .adjoint import sample
+from .cli import add_output_arguments, output_path, positive_float, positive_int, probability
+from .io import atomic_path, dumps
 from .models.toy import ToyEps
-from .paths import data_dir
+from .paths import data_dir, outputs_dir
 from .schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -155,16 +158,19 @@ def train_toy(kind: str = "ring", steps: int = 12000, batch: int = 512, lr: floa
 
 def save_toy(model: ToyEps, log: dict, path: str | Path | None = None) -> Path:
     """Write ``<path>.safetensors`` (weights, config in the metadata) and ``<path>.json`` (the
-    training log). Default path: ``data/toy2d/<kind>``."""
+    training log), both to temporary files first and moved into place together, so an
+    interruption leaves the previous pair. Default path: ``outputs/toy2d/<kind>``
+    (:func:`load_toy` reads the shipped ``data/toy2d/<kind>``)."""
     from safetensors.torch import save_file
 
     kind = log["config"]["kind"]
-    path = Path(path) if path is not None else data_dir("toy2d", kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path) if path is not None else outputs_dir("toy2d") / kind
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path.with_suffix(".safetensors")), metadata={"config": json.dumps(log["config"])})
-    path.with_suffix(".json").write_text(json.dumps(log, indent=1) + "\n")
-    return path.with_suffix(".safetensors")
+    weights = path.with_suffix(".safetensors")
+    with atomic_path(weights, suffix=".safetensors") as tmp_w, atomic_path(path.with_suffix(".json")) as tmp_j:
+        save_file(state, str(tmp_w), metadata={"config": json.dumps(log["config"])})
+        tmp_j.write_text(dumps(log, indent=1) + "\n")
+    return weights
 
 
 def load_toy(kind: str = "ring", path: str | Path | None = None,
@@ -289,17 +295,20 @@ def finetune(model: torch.nn.Module, schedule: VPSchedule, loss_fn: Callable[[Te
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the 2-D toy diffusion model and save it to data/toy2d/.")
+    """Command line: train the toy model, save it (``<out>.safetensors`` + ``<out>.json``)."""
+    parser = argparse.ArgumentParser(description="Train the 2-D toy diffusion model and save it "
+                                                 "(default outputs/toy2d/<kind>).")
     parser.add_argument("--kind", default="ring", choices=sorted(KINDS))
-    parser.add_argument("--steps", type=int, default=12000)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--p-uncond", type=float, default=0.5)
+    parser.add_argument("--steps", type=positive_int, default=12000)
+    parser.add_argument("--batch", type=positive_int, default=512)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--hidden", type=positive_int, default=128)
+    parser.add_argument("--depth", type=positive_int, default=3)
+    parser.add_argument("--p-uncond", type=probability, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output path without suffix (default data/toy2d/<kind>)")
+    add_output_arguments(parser, "outputs/toy2d/<kind>", "output path without suffix")
     args = parser.parse_args(argv)
+    out = output_path(args, lambda: outputs_dir("toy2d") / args.kind, suffix=".safetensors")
     torch.set_num_threads(1)  # small MLP: one thread is fastest (and immune to busy cores)
     model, log = train_toy(args.kind, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden,
                            depth=args.depth, p_uncond=args.p_uncond, seed=args.seed)
@@ -308,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     torch.zeros(1, log["config"]["cond_dim"]), schedule=toy_schedule(), steps=20, order=2)
     if args.kind == "ring":
         log["mode_fraction_20steps"] = round(mode_fraction(x0), 4)
-    path = save_toy(model, log, args.out)
+    path = save_toy(model, log, out)
     print(f"saved {path} ({path.stat().st_size / 1024:.0f} KiB), final loss {log['loss'][-1]:.4f}, "
           f"{log['seconds']} s" + (f", mode fraction {log['mode_fraction_20steps']}" if args.kind == "ring" else ""))
 

@@ -100,7 +100,7 @@ def test_isolated_job_in_subprocess(tmp_path):
                             dtype="float32"),
                threads=1, order=2, kind="profile", mode="backprop", steps=5, repeats=3, name="bp5",
                grads_path=str(tmp_path / "bp5.grads.pt"))
-    r = bench._run_isolated(job, tmp_path)
+    r = bench.run_isolated(job, tmp_path)
     assert r["status"] == "ok", r
     assert (r["nfe_forward"], r["nfe_backward"]) == (5, 0)
     assert r["saved_peak_bytes"] > 0 and r["memory_method"]

@@ -55,3 +55,29 @@ def test_bad_input():
         VPSchedule.from_diffusers(DDPMScheduler()).timesteps(0)
     with pytest.raises(ValueError):
         VPSchedule.from_diffusers(DDPMScheduler()).timesteps(10, "cosine")
+
+
+def test_inverse_maps_refuse_nan_and_negative_rho():
+    from diffusers import DDPMScheduler
+
+    s = VPSchedule.from_diffusers(DDPMScheduler())
+    with pytest.raises(ValueError, match="rho contains NaN"):
+        s.t_of_rho(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="rho must be >= 0"):
+        s.t_of_rho(-0.5)
+    with pytest.raises(ValueError, match="lambda contains NaN"):
+        s.t_of_lambda(float("nan"))
+    with pytest.raises(ValueError, match="t contains NaN"):
+        s.alpha(torch.tensor(float("nan")))
+    assert float(s.t_of_rho(0.0)) == s.t_min  # rho = 0 is clean data
+
+
+def test_schedule_follows_the_device_of_t():
+    """Tables move to t's device (a CUDA t against CPU tables made searchsorted fail); checked
+    on the meta device, which needs no GPU."""
+    from diffusers import DDPMScheduler
+
+    s = VPSchedule.from_diffusers(DDPMScheduler())
+    t = torch.tensor([10.0, 500.0], dtype=torch.float64)
+    assert s.alpha(t.to("meta")).device.type == "meta"
+    assert s.sigma(t.to("meta")).device.type == "meta"

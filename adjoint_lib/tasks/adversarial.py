@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
-from .cli import GRAD_MODES, nonneg_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
+from .cli import GRAD_MODES, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
 from .common import TaskModel, TaskResult, tiny_resnet_config
 from .loading import load_hf, metric_model_id
 
@@ -69,7 +69,7 @@ class AttackConfig:
     n_pairs: int = setting(56, positive_int, "attacked (prompt, seed) pairs")
     max_candidates: int = setting(256, positive_int, "prompts/seeds generated to find n_pairs correct ones")
     batch_size: int = setting(64, positive_int, "generation batch while selecting")
-    seed: int = setting(0, nonneg_int)
+    seed: int = setting(0, nonnegative_int)
     grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
     auditee: str | None = setting(None, None, f"sd: classifier under audit (hub id or folder; ${AUDITEE_ENV}, "
                                               f"default {IMAGENET_CLASSIFIER})")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..cli import nonnegative_float, nonnegative_int, positive_float, positive_int
 from ..io import check_out, dumps
 from ..paths import profile as resolve_profile
 from .loading import DTYPES, SD_MODEL_ENV, LoadError
@@ -24,51 +24,15 @@ GRAD_MODES = ("adjoint", "checkpoint", "backprop")
 
 
 # ---------------------------------------------------------------------- checks (argparse types)
-def _number(kind: type, text: Any) -> Any:
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def positive_int(text: Any) -> int:
-    """An integer >= 1."""
-    v = _number(int, text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return v
-
-
-def nonneg_int(text: Any) -> int:
-    """An integer >= 0."""
-    v = _number(int, text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return v
-
-
-def positive_float(text: Any) -> float:
-    """A finite number > 0."""
-    v = _number(float, text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return v
-
-
-def nonneg_float(text: Any) -> float:
-    """A finite number >= 0."""
-    v = _number(float, text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return v
+# positive_int, nonnegative_int, positive_float, nonnegative_float: adjoint_lib.cli's
 
 
 def order_int(text: Any) -> int:
     """A solver order: 1, 2 or 3."""
-    v = _number(int, text)
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        v = None
     if v not in (1, 2, 3):
         raise argparse.ArgumentTypeError(f"must be 1, 2 or 3, got {text!r}")
     return v
@@ -105,7 +69,7 @@ def field_check(f: dataclasses.Field) -> Callable[[Any], Any]:
     if check is not None:
         return check
     kind, _ = _base_type(f.type)
-    return {int: nonneg_int, float: nonneg_float}.get(kind, str)
+    return {int: nonnegative_int, float: nonnegative_float}.get(kind, str)
 
 
 def validate(cfg: Any) -> Any:
@@ -195,5 +159,5 @@ def run_cli(module: types.ModuleType, description: str, argv: Sequence[str] | No
     return metrics
 
 
-__all__ = ["task_parser", "run_cli", "validate", "setting", "positive_int", "nonneg_int", "positive_float",
-           "nonneg_float", "order_int", "one_of", "GRAD_MODES"]
+__all__ = ["task_parser", "run_cli", "validate", "setting", "positive_int", "nonnegative_int", "positive_float",
+           "nonnegative_float", "order_int", "one_of", "GRAD_MODES"]

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
 from ..io import save_safetensors
-from .cli import GRAD_MODES, nonneg_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
+from .cli import GRAD_MODES, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
 from .common import TaskModel, TaskResult
 
 Tensor = torch.Tensor
@@ -65,7 +65,7 @@ class EffectConfig:
     steps: int = setting(10, positive_int, "sampler steps (DPM-Solver multistep, log-SNR grid)")
     order: int = setting(2, order_int)
     guidance_scale: float | None = setting(None, positive_float, "default: the model's")
-    seed: int = setting(0, nonneg_int)
+    seed: int = setting(0, nonnegative_int)
     grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
 
 

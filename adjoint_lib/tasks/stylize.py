@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..paths import data_dir
-from .cli import GRAD_MODES, nonneg_float, nonneg_int, one_of, order_int, positive_float, positive_int, run_cli
+from .cli import GRAD_MODES, nonnegative_float, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli
 from .cli import setting, validate
 from .common import TaskModel, TaskResult, tiny_resnet_config
 from .loading import load_hf, metric_model_id
@@ -383,13 +383,13 @@ class StylizeConfig:
     batch_size: int = setting(4, positive_int, "prompt/noise pairs per iteration")
     lr: float = setting(5e-3, positive_float, "Adam learning rate of the LoRA tensors")
     rank: int = setting(4, positive_int, "LoRA rank")
-    content_weight: float = setting(3.0, nonneg_float)
+    content_weight: float = setting(3.0, nonnegative_float)
     steps: int = setting(8, positive_int, "sampler steps (DPM-Solver multistep, log-SNR grid)")
     order: int = setting(2, order_int)
     guidance_scale: float | None = setting(None, positive_float, "default: the model's")
     grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
     train_pairs: int = setting(64, positive_int, "training prompt/noise pairs")
-    seed: int = setting(0, nonneg_int)
+    seed: int = setting(0, nonnegative_int)
     target_modules: tuple[str, ...] = setting(LORA_TARGETS, None, "module names that get LoRA adapters")
     held_out: int = setting(48, positive_int, "held-out prompt/noise pairs for the evaluation")
     style: str | None = setting(None, style_file, "style reference image (default data/styles/stripes_*.png)")

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ...adjoint import sample
+from ...paths import data_dir
 from ...schedule import VPSchedule
 from ..diffusers_eps import UNetEps
 from .data import (BACKGROUNDS, COLORS, DIGITS, PAIRS, STYLES, VOCABULARY, Labels, caption,
@@ -32,7 +33,7 @@ from .judges import Judges, load_judges
 
 Tensor = torch.Tensor
 
-DATA_DIR = Path(__file__).resolve().parents[3] / "data" / "mini"
+DATA_DIR = data_dir("mini")  # shipped MiniSD (``$ADJOINTDPM_DATA/mini`` when set)
 MAX_LENGTH = 16          # tokens per prompt, BOS and EOS included (= max_position_embeddings)
 GUIDANCE_SCALE = 3.0     # classifier-free guidance weight used by generate() and evaluate
 IMAGE_SHAPE = (3, 16, 16)

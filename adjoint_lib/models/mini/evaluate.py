@@ -11,7 +11,8 @@ and reports the fraction whose prompted attributes the judges read back, plus ti
   transformers), ``sample16_seconds``: 16 images at 20 steps (<= 3), and
   ``unet_cfg_batch32_ms_1thread``: one guided UNet evaluation of a batch of 32 on one thread.
 
-The line is also written to ``data/mini/eval_metrics.json``.
+The line is also written to ``outputs/mini/eval_metrics.json`` (``--out`` to change; the
+shipped ``data/mini/eval_metrics.json`` is replaced only with ``--out ... --force``).
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from . import DATA_DIR, GUIDANCE_SCALE, MiniSD, encode_prompts, eps_fn, generate, initial_noise, load
 from .data import Labels, random_labels
 from .judges import Judges, read_colors
+from ...cli import add_output_arguments, nonnegative_float, output_path, positive_int
+from ...io import write_json
+from ...paths import outputs_dir
 
 Tensor = torch.Tensor
 TARGETS = {"digit_judge_acc": 0.90, "color_acc": 0.95, "style_acc": 0.85,
@@ -83,6 +87,9 @@ def timings(model: MiniSD, path: Path | None = None) -> dict[str, float]:
 def evaluate(model: MiniSD, n: int = 240, seed: int = 0, steps: int = 20, order: int = 2,
              guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 48) -> dict[str, float]:
     """Judge metrics of ``n`` generated images from random prompts (seeds ``seed*n + i``)."""
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     labels = random_labels(n, torch.Generator().manual_seed(seed))
     prompts = labels.captions()
     images = torch.cat([
@@ -93,23 +100,26 @@ def evaluate(model: MiniSD, n: int = 240, seed: int = 0, steps: int = 20, order:
             **judge_metrics(model.judges, images, labels)}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Command line: evaluate, check the timings, print one JSON line and save it."""
     p = argparse.ArgumentParser(description="Evaluate MiniSD against its targets.")
-    p.add_argument("--n", type=int, default=240)
-    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
-    p.add_argument("--path", type=Path, default=DATA_DIR)
-    p.add_argument("--no-save", action="store_true", help="do not write eval_metrics.json")
-    a = p.parse_args()
+    p.add_argument("--n", type=positive_int, default=240, help="images generated (default 240)")
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=GUIDANCE_SCALE)
+    p.add_argument("--path", type=Path, default=DATA_DIR, help="MiniSD folder to load (default data/mini)")
+    add_output_arguments(p, "outputs/mini/eval_metrics.json", "JSON file of the metrics")
+    p.add_argument("--no-save", action="store_true", help="do not write the metrics file")
+    a = p.parse_args(argv)
+    if a.out is not None and a.out.suffix != ".json":
+        p.error(f"--out must name a .json file, got {str(a.out)!r}")
+    out = None if a.no_save else output_path(a, lambda: outputs_dir("mini") / "eval_metrics.json")
     model = load(a.path)
     metrics = {**evaluate(model, n=a.n, guidance_scale=a.guidance_scale), **timings(model, a.path),
                "load_seconds_first_call": round(model.load_seconds, 3)}
     metrics["targets_met"] = all(metrics[k] <= v if k.endswith("seconds") else metrics[k] >= v
                                  for k, v in TARGETS.items())
-    line = json.dumps(metrics)
-    if not a.no_save:
-        (a.path / "eval_metrics.json").write_text(line + "\n")
-    print(line)
+    if out is not None:
+        write_json(out, metrics, indent=None)
+    print(json.dumps(metrics))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@
 All three networks see every color pair during training plus color jitter, pixel
 shifts and noise, so they also read generated images. ``python -m
 adjoint_lib.models.mini.judges`` trains them (about two minutes on one core) and saves
-them to ``data/mini/judges/``.
+them to ``outputs/mini/judges/`` (the shipped ones are in ``data/mini/judges/``; replacing
+them needs ``--out data/mini/judges --force``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import BACKGROUNDS, COLORS, STYLES, Labels, fixed_set, palette, sample_batch
+from ...cli import add_output_arguments, output_path, positive_int
+from ...io import atomic_path, write_json
+from ...paths import outputs_dir
 
 Tensor = torch.Tensor
 BORDER = 2  # the data keeps a pure-background frame this wide around the digit
@@ -200,7 +205,7 @@ def train_classifier(model: nn.Module, target: Callable[[Labels], Tensor],
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().requires_grad_(False)
 
 
@@ -216,18 +221,24 @@ def train_judges(steps: int = 3000, seed: int = 0, progress: bool = True) -> Jud
                                seed=seed + 2, progress=progress, desc="style CNN"))
 
 
+JUDGE_NAMES = ("auditee", "digit", "style")
+
+
 def save_judges(judges: Judges, path: Path) -> None:
-    """Write ``auditee/digit/style.safetensors`` under ``path``."""
+    """Write ``auditee/digit/style.safetensors`` under ``path``: all three to temporary files
+    first, moved into place together, so an interruption leaves the previous judges."""
     from safetensors.torch import save_file
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("auditee", "digit", "style"):
-        save_file(getattr(judges, name).state_dict(), str(path / f"{name}.safetensors"))
+    path = Path(path)
+    with contextlib.ExitStack() as stack:
+        for name in JUDGE_NAMES:
+            tmp = stack.enter_context(atomic_path(path / f"{name}.safetensors", suffix=".safetensors"))
+            save_file(getattr(judges, name).state_dict(), str(tmp))
 
 
 def load_judges(path: Path) -> Judges:
     """Load judges saved by :func:`save_judges` (eval mode, frozen)."""
     from safetensors.torch import load_file
-    nets = {"auditee": AuditeeCNN(), "digit": DigitJudgeMLP(), "style": StyleCNN()}
+    nets = dict(zip(JUDGE_NAMES, (AuditeeCNN(), DigitJudgeMLP(), StyleCNN())))
     for name, net in nets.items():
         file = path / f"{name}.safetensors"
         if not file.is_file():
@@ -238,24 +249,24 @@ def load_judges(path: Path) -> Judges:
     return Judges(**nets)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Command line: train the judges, save them and print their test-split accuracies."""
-    from . import DATA_DIR
     from .evaluate import judge_metrics
 
     p = argparse.ArgumentParser(description="Train the MiniSD judges.")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=positive_int, default=3000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DATA_DIR / "judges")
-    a = p.parse_args()
+    add_output_arguments(p, "outputs/mini/judges", "folder of the judge weights")
+    a = p.parse_args(argv)
+    out = output_path(a, lambda: outputs_dir("mini", "judges"))
     torch.set_num_threads(1)
     judges = train_judges(a.steps, a.seed)
-    save_judges(judges, a.out)
     images, labels = fixed_set(2000, seed=0, split="test")
     clean = judge_metrics(judges, images, labels)
     noisy = judge_metrics(judges, images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0)), labels)
     report = {"test_clean": clean, "test_noise_0.1": noisy, "steps": a.steps, "seed": a.seed}
-    (a.out / "judges_metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_judges(judges, out)
+    write_json(out / "judges_metrics.json", report)
     print(json.dumps(report))
 
 

@@ -31,27 +31,34 @@ color - black and white backgrounds need that) an eps-predicting UNet must repro
 by ``156 x`` its error. A trial with eps-prediction (1500 steps) reached a similar loss but
 sampled pure noise; v-prediction samples the prompted colors and styles after 1200 steps.
 
-Writes ``data/mini/{tokenizer,text_encoder,unet,scheduler}`` (``save_pretrained``; also
-every tenth of the run, as a checkpoint), ``data/mini/samples.png`` (a labelled sample
-grid) and ``data/mini/train_metrics.json``. Seeded and deterministic for a fixed thread
-count.
+Writes ``<out>/{tokenizer,text_encoder,unet,scheduler}`` (``save_pretrained``),
+``<out>/samples.png`` (a labelled sample grid) and ``<out>/train_metrics.json``; ``--out``
+defaults to ``outputs/mini`` (replacing the shipped model needs ``--out data/mini --force``).
+Every tenth of the run the EMA weights go to ``<out>/checkpoint/`` (with ``step.json``),
+which is removed when the run completes; the model at ``<out>`` is swapped in only at the end,
+so an interrupted run leaves the previous model there. Seeded and deterministic for a fixed
+thread count.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import (DATA_DIR, GUIDANCE_SCALE, MAX_LENGTH, MiniSD, encode_prompts, generate)
-from .data import BACKGROUNDS, COLORS, DIGITS, STYLES, VOCABULARY, caption, sample_batch
+from . import GUIDANCE_SCALE, MAX_LENGTH, MiniSD, encode_prompts, generate
+from .data import DIGITS, VOCABULARY, caption, sample_batch
+from ...cli import add_output_arguments, nonnegative_float, output_path, positive_float, positive_int
+from ...io import atomic_dir, atomic_path, write_json
+from ...paths import outputs_dir
 from ...schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -198,14 +205,22 @@ def _swap_in(params: list[Tensor], values: list[Tensor]) -> None:
             p.copy_(v)
 
 
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
+
+
 def save_model(out_dir: Path, tokenizer, text_encoder: torch.nn.Module, unet: torch.nn.Module,
                scheduler) -> None:
-    """``save_pretrained`` every component into ``out_dir/{tokenizer,text_encoder,unet,scheduler}``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tokenizer, out_dir / "tokenizer")
-    text_encoder.save_pretrained(out_dir / "text_encoder")
-    unet.save_pretrained(out_dir / "unet")
-    scheduler.save_pretrained(out_dir / "scheduler")
+    """``save_pretrained`` every component into ``out_dir/{tokenizer,text_encoder,unet,scheduler}``.
+
+    All four are written to temporary folders first and swapped in together at the end, so an
+    exception or Ctrl-C while saving leaves the previous model untouched."""
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as stack:
+        tmp = {name: stack.enter_context(atomic_dir(out_dir / name)) for name in COMPONENTS}
+        save_tokenizer(tokenizer, tmp["tokenizer"])
+        text_encoder.save_pretrained(tmp["text_encoder"])
+        unet.save_pretrained(tmp["unet"])
+        scheduler.save_pretrained(tmp["scheduler"])
 
 
 def fixed_eval_batch(n: int = 256, seed: int = 1234) -> tuple[Tensor, list[str], Tensor, Tensor]:
@@ -221,11 +236,17 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, progress: bool = True,
     """Train for ``cfg.steps`` steps on ``device``; save to ``out_dir`` if given.
 
     The batches, timesteps and noise are drawn on the CPU from one seeded generator, so
-    every device sees the same data stream.
+    every device sees the same data stream. With ``out_dir``, the EMA weights are saved every
+    tenth of the run to ``out_dir/checkpoint`` (removed at the end) and the final model to
+    ``out_dir`` (:func:`save_model`).
 
     Returns ``(text_encoder, unet, scheduler, tokenizer, metrics)`` with the EMA weights
     loaded into the returned modules.
     """
+    for name in ("steps", "batch_size", "warmup"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
     tokenizer = build_tokenizer()
     text_encoder, unet, scheduler = build_models(tokenizer, cfg)
     text_encoder.to(device), unet.to(device)
@@ -277,7 +298,8 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, progress: bool = True,
             if out_dir is not None and step + 1 < cfg.steps:  # a usable checkpoint (EMA weights)
                 live = [p.detach().clone() for p in params]
                 _swap_in(params, ema)
-                save_model(out_dir, tokenizer, text_encoder, unet, scheduler)
+                save_model(Path(out_dir) / "checkpoint", tokenizer, text_encoder, unet, scheduler)
+                write_json(Path(out_dir) / "checkpoint" / "step.json", {"step": step + 1, "of": cfg.steps})
                 _swap_in(params, live)
     _swap_in(params, ema)
     text_encoder.eval(), unet.eval()
@@ -291,11 +313,13 @@ def train(cfg: TrainConfig, out_dir: Path | None = None, progress: bool = True,
     }
     if out_dir is not None:
         save_model(out_dir, tokenizer, text_encoder, unet, scheduler)
+        shutil.rmtree(Path(out_dir) / "checkpoint", ignore_errors=True)
     return text_encoder, unet, scheduler, tokenizer, metrics
 
 
 def sample_grid(model: MiniSD, path: Path, guidance_scale: float = GUIDANCE_SCALE) -> None:
-    """Save a labelled grid: the ten digits (columns) under six attribute rows, seed = column."""
+    """Save a labelled grid (PNG, written atomically): the ten digits (columns) under six
+    attribute rows, seed = column."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,32 +341,34 @@ def sample_grid(model: MiniSD, path: Path, guidance_scale: float = GUIDANCE_SCAL
     fig.suptitle(f"MiniSD samples: 20 steps, DPM-Solver order 2, guidance {guidance_scale}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=60)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=60, format="png")
     plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: train, save the model, the sample grid and the metrics."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=positive_float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--text-encoder-lr-scale", type=float, default=TrainConfig.text_encoder_lr_scale,
-                   help="text encoder lr / UNet lr (0 freezes it)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: reproducible)")
-    p.add_argument("--out", type=Path, default=DATA_DIR)
+    p.add_argument("--text-encoder-lr-scale", type=nonnegative_float,
+                   default=TrainConfig.text_encoder_lr_scale, help="text encoder lr / UNet lr (0 freezes it)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: reproducible)")
+    add_output_arguments(p, "outputs/mini", "folder of the trained model")
     p.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     a = p.parse_args(argv)
+    out = output_path(a, lambda: outputs_dir("mini"))
     torch.set_num_threads(a.threads)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       train_text_encoder=a.text_encoder_lr_scale > 0,
                       text_encoder_lr_scale=a.text_encoder_lr_scale)
-    text_encoder, unet, scheduler, tokenizer, metrics = train(cfg, a.out, device=a.device)
+    text_encoder, unet, scheduler, tokenizer, metrics = train(cfg, out, device=a.device)
     text_encoder.cpu(), unet.cpu()
     model = MiniSD(tokenizer, text_encoder, unet, scheduler, VPSchedule.from_diffusers(scheduler), None)
-    sample_grid(model, a.out / "samples.png")
-    (a.out / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    sample_grid(model, out / "samples.png")
+    write_json(out / "train_metrics.json", metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "config")}))
 
 

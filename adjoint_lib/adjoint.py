@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .gradient_methods import Adjoint, Backprop, Checkpoint, GradMethod, resolve_grad
-from .schedule import VPSchedule
+from .schedule import GaussianSchedule
 from .solvers import Grid, lambda_weights, make_grid, solve
 
 Tensor = torch.Tensor
 EpsFn = Callable[[Tensor, Tensor, Any], Tensor]
 
-__all__ = ["sample", "SampleStats", "pack_cond"]
+__all__ = ["sample", "SampleStats", "pack_cond", "model_timesteps"]
 
 
 @dataclass
@@ -54,8 +54,9 @@ class SampleStats:
 
 
 # ------------------------------------------------------------------------- helpers
-def _model_t(t: float, x: Tensor) -> Tensor:
-    """Model timestep tensor of shape (B,) (float64 stays float64; otherwise float32)."""
+def model_timesteps(t: float, x: Tensor) -> Tensor:
+    """The model-timestep tensor ``t`` of shape (B,) for a batch ``x`` (float64 stays float64;
+    otherwise float32), on ``x``'s device."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
 
@@ -109,7 +110,7 @@ def _eps_caller(eps_fn: EpsFn, grid: Grid, rebuild: Callable, stats: SampleStats
     dtype; in the forward pass a non-finite eps is refused naming the step."""
     def eps_at(i: int, y: Tensor, cond_tensors: Sequence[Tensor]) -> Tensor:
         x = y * grid.alpha(i)
-        eps = eps_fn(x, _model_t(grid.node_t(i), x), rebuild(cond_tensors))
+        eps = eps_fn(x, model_timesteps(grid.node_t(i), x), rebuild(cond_tensors))
         if not isinstance(eps, Tensor) or eps.shape != x.shape:
             raise ValueError(f"eps_fn must return a tensor shaped like x {tuple(x.shape)}, "
                              f"got {getattr(eps, 'shape', type(eps))}")
@@ -370,7 +371,7 @@ def _backward_transpose(spec: _Spec, grid: Grid, states, cond_in, cond_req, para
 
 
 # ------------------------------------------------------------------------- entry point
-def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule,
+def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: GaussianSchedule,
            steps: int | Grid | None = None, timesteps: Sequence[float] | Tensor | None = None,
            order: int = 1, grad: str | GradMethod | None = None, params: Sequence[Tensor] = (),
            trajectory: str | None = None, scheme: str | None = None, spacing: str = "logsnr",
@@ -384,7 +385,7 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
             diffusers convention 0..999). Guidance and v-prediction live in eps_fn
             (see ``adjoint_lib.models.UNetEps``).
         x_T: initial noise (B, ...). cond: None, a tensor, or a tuple of tensors.
-        schedule: the :class:`VPSchedule`.
+        schedule: a :class:`GaussianSchedule` (``VPSchedule`` or ``FlowSchedule``).
         steps / timesteps: ``steps`` grid intervals with ``spacing`` (``"logsnr"``,
             ``"time"``, ``"quadratic"``) from ``t_start`` to ``t_end``; or a ready
             :class:`~adjoint_lib.Grid` (``make_grid``) as ``steps``; or an explicit
@@ -421,8 +422,8 @@ def sample(eps_fn: EpsFn, x_T: Tensor, cond: Any = None, *, schedule: VPSchedule
     if steps is not None and not isinstance(steps, Grid) and (
             isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive int or a Grid, got {steps!r}")
-    if not isinstance(schedule, VPSchedule):
-        raise TypeError("schedule must be an adjoint_lib.VPSchedule (see VPSchedule.from_diffusers)")
+    if not isinstance(schedule, GaussianSchedule):
+        raise TypeError("schedule must be an adjoint_lib.GaussianSchedule (see GaussianSchedule.from_diffusers)")
     if not isinstance(x_T, Tensor) or not x_T.is_floating_point():
         raise TypeError("x_T must be a floating-point tensor")
     if not callable(eps_fn):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from .adjoint import SampleStats, pack_cond
+from .adjoint import SampleStats, model_timesteps, pack_cond
 from .schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -40,8 +40,7 @@ class RawPFODE(nn.Module):
         t64 = t.detach().to(torch.float64).clamp(self.schedule.t_min, self.schedule.t_max)
         slope = float(self.schedule.dlog_alpha_dt(t64))
         sigma = float(self.schedule.sigma(t64))
-        tt = torch.full((x.shape[0],), float(t64), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        eps = self.eps_fn(x, tt, self.cond).to(x.dtype)
+        eps = self.eps_fn(x, model_timesteps(float(t64), x), self.cond).to(x.dtype)
         return slope * (x - eps / sigma)
 
 

@@ -19,70 +19,72 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .schedule import VPSchedule
+from .schedule import GaussianSchedule, VPSchedule
 
 Tensor = torch.Tensor
 
 
-def phi_integrals(rho_a: float, rho_b: float, n: int) -> list[float]:
-    """``Phi_m = int_{rho_a}^{rho_b} (lambda - lambda_a)^m drho`` for ``m < n``.
+def exp_moments(h: float, c: float, n: int) -> list[float]:
+    """``M_m = int_0^h e^{-c s} s^m ds`` for ``m < n``.
 
-    Closed form with ``h = lambda_b - lambda_a``: ``Phi_m = -m! (rho_a - rho_b sum_{k<=m} h^k/k!)``
-    ``= -m! rho_b sum_{k>m} h^k/k!`` (the series is used for small ``|h|`` to avoid
-    cancellation); ``rho_b = 0`` (``h = inf``) gives ``-m! rho_a``.
-    """
+    Closed form ``m!/c^{m+1} (1 - e^{-ch} sum_{k<=m} (ch)^k/k!)``; for small ``|ch|`` its
+    cancellation-free series ``m! h^{m+1} e^{-ch} sum_{j>=0} (ch)^j/(m+1+j)!``; for ``h = inf``
+    (``c > 0``) ``m!/c^{m+1}``."""
+    out = []
+    for m in range(n):
+        fact = math.factorial(m)
+        if math.isinf(h):
+            if c <= 0.0:
+                raise ValueError("an infinite lambda interval needs c > 0")
+            out.append(fact / c ** (m + 1))
+            continue
+        u = c * h
+        if abs(u) < 0.5:
+            term = tail = 1.0 / math.factorial(m + 1)
+            for k in range(m + 2, m + 42):
+                term *= u / k
+                tail += term
+            out.append(fact * h ** (m + 1) * math.exp(-u) * tail)
+        else:
+            partial = sum(u ** k / math.factorial(k) for k in range(m + 1))
+            out.append(fact / c ** (m + 1) * (1.0 - math.exp(-u) * partial))
+    return out
+
+
+def phi_integrals(rho_a: float, rho_b: float, n: int) -> list[float]:
+    """``Phi_m = int_{rho_a}^{rho_b} (lambda - lambda_a)^m drho = -rho_a M_m(h, c=1)`` for ``m < n``
+    (``drho = -rho_a e^{-(lambda - lambda_a)} dlambda``, ``h = lambda_b - lambda_a``, :func:`exp_moments`);
+    ``Phi_0 = rho_b - rho_a`` exactly, ``rho_b = 0`` (``h = inf``) gives ``-m! rho_a``."""
     out = [rho_b - rho_a]
     if n == 1:
         return out
     if rho_a <= 0.0:
         raise ValueError("higher-order weights need rho_a > 0")
-    if rho_b == 0.0:
-        return out + [-math.factorial(m) * rho_a for m in range(1, n)]
-    h = math.log(rho_a / rho_b)
-    for m in range(1, n):
-        if abs(h) < 0.5:
-            term, tail = h ** m / math.factorial(m), 0.0
-            for k in range(m + 1, m + 40):
-                term *= h / k
-                tail += term
-            out.append(-math.factorial(m) * rho_b * tail)
-        else:
-            partial = sum(h ** k / math.factorial(k) for k in range(m + 1))
-            out.append(-math.factorial(m) * (rho_a - rho_b * partial))
-    return out
+    h = math.inf if rho_b == 0.0 else math.log(rho_a / rho_b)
+    return out + [-rho_a * m for m in exp_moments(h, 1.0, n)[1:]]
 
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
+def _interpolation_weights(lambdas: Sequence[float], moments: Sequence[float]) -> list[float]:
+    """``w = V^{-T} M``: weights of ``f(lambda_j)`` given the moments ``M_m`` of ``(lambda - lambdas[0])^m``
+    (``V_jm = (lambda_j - lambdas[0])^m``, the polynomial interpolant through the nodes)."""
+    q = len(lambdas)
+    if q == 1:
+        return list(moments[:1])
+    vander = np.vander(np.asarray(lambdas, dtype=np.float64) - lambdas[0], q, increasing=True)
+    return np.linalg.solve(vander.T, np.asarray(moments[:q], dtype=np.float64)).tolist()
 
 
 def lambda_weights(lambdas: Sequence[float], lam_b: float, c: float = 0.0) -> list[float]:
     """Weights ``w_j`` with ``int_{lambdas[0]}^{lam_b} e^{-c (lambda - lambdas[0])} f dlambda
-    ~= sum_j w_j f(lambda_j)``, ``f`` interpolated by the polynomial through ``lambdas``
-    (32-point Gauss-Legendre moments, exact to rounding for the smooth weight)."""
-    q, h = len(lambdas), lam_b - lambdas[0]
-    s = 0.5 * h * (_GL_NODES + 1.0)
-    w = 0.5 * h * _GL_WEIGHTS * np.exp(-c * s)
-    moments = np.array([np.sum(w * s ** m) for m in range(q)])
-    if q == 1:
-        return moments.tolist()
-    vander = np.vander(np.asarray(lambdas, dtype=np.float64) - lambdas[0], q, increasing=True)
-    return np.linalg.solve(vander.T, moments).tolist()
+    ~= sum_j w_j f(lambda_j)``, ``f`` interpolated by the polynomial through ``lambdas``."""
+    return _interpolation_weights(lambdas, exp_moments(lam_b - lambdas[0], c, len(lambdas)))
 
 
 def ei_weights(lambdas: Sequence[float], rho_a: float, rho_b: float) -> list[float]:
-    """Weights ``w_j`` with ``int_{rho_a}^{rho_b} f drho ~= sum_j w_j f(lambda_j)``.
-
-    ``f`` is interpolated by the polynomial in ``s = lambda - lambdas[0]`` through the nodes
-    ``lambdas`` (``lambdas[0]`` is the anchor at ``rho_a``); ``w = V^{-T} Phi`` with the
-    Vandermonde matrix ``V_jm = s_j^m`` and ``Phi`` the moments of :func:`phi_integrals`.
-    """
-    q = len(lambdas)
-    phi = phi_integrals(rho_a, rho_b, q)
-    if q == 1:
-        return phi
-    s = np.asarray(lambdas, dtype=np.float64) - lambdas[0]
-    vander = np.vander(s, q, increasing=True)
-    return np.linalg.solve(vander.T, np.asarray(phi)).tolist()
+    """Weights ``w_j`` with ``int_{rho_a}^{rho_b} f drho ~= sum_j w_j f(lambda_j)``, ``f`` interpolated
+    by the polynomial in ``lambda`` through ``lambdas`` (``lambdas[0]`` is the anchor at ``rho_a``):
+    ``w = V^{-T} Phi`` with the moments of :func:`phi_integrals` (``= -rho_a`` ``lambda_weights(c=1)``)."""
+    return _interpolation_weights(lambdas, phi_integrals(rho_a, rho_b, len(lambdas)))
 
 
 @dataclass
@@ -93,7 +95,8 @@ class Grid:
     (``i <= N``) the reparameterized times (``rho[N]`` is where the last step ends) and
     ``lam[i] = -log rho[i]``; ``t_end`` and ``lam_end`` are the timestep and lambda used
     when the adjoint evaluates eps at the end point (clamped to the schedule's range when
-    ``rho[N] = 0``).
+    ``rho[N] = 0``); ``alphas[i] = schedule.alpha_of_rho(rho[i])`` (``x = alpha y``; the
+    variance-preserving ``1 / sqrt(1 + rho^2)`` when not given).
     """
 
     t: Tensor
@@ -101,14 +104,19 @@ class Grid:
     lam: list[float]
     t_end: float
     lam_end: float
+    alphas: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.alphas is None:
+            self.alphas = VPSchedule.alpha_of_rho(torch.tensor(self.rho, dtype=torch.float64)).tolist()
 
     @property
     def steps(self) -> int:
         return len(self.rho) - 1
 
     def alpha(self, i: int) -> float:
-        """``alpha_i = 1 / sqrt(1 + rho_i^2)``."""
-        return 1.0 / math.sqrt(1.0 + self.rho[i] ** 2)
+        """``alpha_i``: the path's alpha at ``rho_i`` (``x_i = alpha_i y_i``)."""
+        return self.alphas[i]
 
     def node_t(self, i: int) -> float:
         return float(self.t[i]) if i < self.steps else self.t_end
@@ -141,12 +149,16 @@ class Grid:
         return self.lam[i] if math.isfinite(self.lam[i]) else self.lam_end
 
 
-def make_grid(schedule: VPSchedule, steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
+def make_grid(schedule: GaussianSchedule, steps: int | None = None, timesteps: Sequence[float] | Tensor | None = None,
               spacing: str = "logsnr", t_start: float | None = None, t_end: float | None = None) -> Grid:
     """Build the :class:`Grid` from ``steps`` (``steps + 1`` points from ``t_start`` to
     ``t_end`` with the given ``spacing``; the last point is where sampling ends) or from
     explicit decreasing ``timesteps`` (eps is evaluated at each one; the last step ends
-    where the scheduler's own last step ends, ``schedule.rho_end``)."""
+    where the scheduler's own last step ends, ``schedule.rho_end``).
+
+    The grid must start where ``alpha > 0``: at a flow path's pure-noise end (``alpha = 0``,
+    ``rho = inf``) ``y = x / alpha`` is infinite; start below it (``t_start < t_max``) or take
+    the first step in data-prediction form with :func:`adjoint_lib.models.flow.sample_flow`."""
     if (steps is None) == (timesteps is None):
         raise ValueError("give exactly one of steps= or timesteps=")
     if timesteps is not None:
@@ -163,10 +175,16 @@ def make_grid(schedule: VPSchedule, steps: int | None = None, timesteps: Sequenc
     else:
         full = schedule.timesteps(steps, spacing, t_start, t_end)
         t, rho = full[:-1], schedule.rho(full).tolist()
+    if not math.isfinite(rho[0]):
+        raise ValueError(f"the grid starts at t={float(t[0]):g}, where alpha = 0 (rho = inf: the pure-noise end of "
+                         f"a flow path) and y = x / alpha is infinite: start below it (t_start < {schedule.t_max:g}, "
+                         "timesteps[0] < t_max) or use adjoint_lib.models.flow.sample_flow, which takes the first "
+                         "step from pure noise in data-prediction form")
     lam = [-math.log(r) if r > 0 else math.inf for r in rho]
     t_last = float(schedule.t_of_rho(torch.tensor(max(rho[-1], 1e-300), dtype=torch.float64)))
-    lam_end = float(schedule.lambda_(torch.tensor(t_last, dtype=torch.float64)))
-    return Grid(t=t, rho=rho, lam=lam, t_end=t_last, lam_end=lam_end)
+    lam_end = min(float(schedule.lambda_(torch.tensor(t_last, dtype=torch.float64))), schedule.lambda_max)
+    alphas = schedule.alpha_of_rho(torch.tensor(rho, dtype=torch.float64)).tolist()
+    return Grid(t=t, rho=rho, lam=lam, t_end=t_last, lam_end=lam_end, alphas=alphas)
 
 
 EpsAt = Callable[[int, Tensor], Tensor]

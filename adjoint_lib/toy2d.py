@@ -106,16 +106,12 @@ def diffusion_loss(model: ToyEps, x0: Tensor, cond: Tensor, schedule: VPSchedule
     return torch.nn.functional.mse_loss(model(x_t, t.to(x0.dtype), cond), noise)
 
 
-def train_toy(kind: str = "ring", steps: int = 12000, batch: int = 512, lr: float = 3e-3,
-              hidden: int = 128, depth: int = 3, p_uncond: float = 0.5, seed: int = 0,
-              model: ToyEps | None = None, log_every: int = 50, progress: bool = True) -> tuple[ToyEps, dict]:
-    """Train a class-conditional :class:`ToyEps` on ``kind`` data with Adam and a cosine
-    learning-rate decay. Returns ``(model, log)`` with ``log["loss"]`` the mean loss of
-    every ``log_every`` steps and ``log["config"]`` what :func:`load_toy` needs.
-
-    The conditioning is the one-hot class, zeroed with probability ``p_uncond`` (the
-    unconditional model is ``cond = zeros``). Pass ``model`` to continue training one.
-    """
+def fit(model: ToyEps, kind: str, loss_fn: Callable[[ToyEps, Tensor, Tensor, torch.Generator], Tensor], *,
+        steps: int, batch: int, lr: float, p_uncond: float, seed: int, log_every: int = 50,
+        progress: bool = True, desc: str = "train") -> dict:
+    """Minimize ``loss_fn(model, x0, cond, generator)`` over batches of ``kind`` data with Adam and
+    a cosine learning-rate decay; ``cond`` is the one-hot class zeroed with probability
+    ``p_uncond``. Returns the log (mean loss every ``log_every`` steps, settings, seconds)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if steps < 1 or batch < 1:
@@ -123,22 +119,17 @@ def train_toy(kind: str = "ring", steps: int = 12000, batch: int = 512, lr: floa
     k = KINDS[kind]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    if model is None:
-        model = ToyEps(cond_dim=k, hidden=hidden, depth=depth)
-    elif model.cond_dim != k:
-        raise ValueError(f"model has cond_dim={model.cond_dim}, {kind!r} needs {k}")
     model.train()
-    schedule = toy_schedule()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses, running = [], []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"train {kind}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"{desc} {kind}", disable=not progress)
     for step in bar:
         x0, labels = make_data(batch, kind, generator=gen)
         cond = one_hot(labels, k)
         cond[torch.rand(batch, generator=gen) < p_uncond] = 0.0
-        loss = diffusion_loss(model, x0, cond, schedule, generator=gen)
+        loss = loss_fn(model, x0, cond, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -151,8 +142,30 @@ def train_toy(kind: str = "ring", steps: int = 12000, batch: int = 512, lr: floa
     model.eval()
     config = dict(kind=kind, cond_dim=k, hidden=model.net[0].out_features,
                   depth=sum(isinstance(m, torch.nn.Linear) for m in model.net) - 1, t_dim=model.t_dim)
-    log = dict(config=config, loss=losses, log_every=log_every, steps=steps, batch=batch, lr=lr,
-               p_uncond=p_uncond, seed=seed, seconds=round(time.time() - t0, 1))
+    return dict(config=config, loss=losses, log_every=log_every, steps=steps, batch=batch, lr=lr,
+                p_uncond=p_uncond, seed=seed, seconds=round(time.time() - t0, 1))
+
+
+def train_toy(kind: str = "ring", steps: int = 12000, batch: int = 512, lr: float = 3e-3,
+              hidden: int = 128, depth: int = 3, p_uncond: float = 0.5, seed: int = 0,
+              model: ToyEps | None = None, log_every: int = 50, progress: bool = True) -> tuple[ToyEps, dict]:
+    """Train a class-conditional :class:`ToyEps` on ``kind`` data with Adam and a cosine
+    learning-rate decay. Returns ``(model, log)`` with ``log["loss"]`` the mean loss of
+    every ``log_every`` steps and ``log["config"]`` what :func:`load_toy` needs.
+
+    The conditioning is the one-hot class, zeroed with probability ``p_uncond`` (the
+    unconditional model is ``cond = zeros``). Pass ``model`` to continue training one.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if model is None:
+        torch.manual_seed(seed)
+        model = ToyEps(cond_dim=KINDS[kind], hidden=hidden, depth=depth)
+    elif model.cond_dim != KINDS[kind]:
+        raise ValueError(f"model has cond_dim={model.cond_dim}, {kind!r} needs {KINDS[kind]}")
+    schedule = toy_schedule()
+    log = fit(model, kind, lambda m, x0, c, g: diffusion_loss(m, x0, c, schedule, generator=g), steps=steps,
+              batch=batch, lr=lr, p_uncond=p_uncond, seed=seed, log_every=log_every, progress=progress)
     return model, log
 
 
@@ -173,23 +186,31 @@ def save_toy(model: ToyEps, log: dict, path: str | Path | None = None) -> Path:
     return weights
 
 
-def load_toy(kind: str = "ring", path: str | Path | None = None,
-             dtype: torch.dtype = torch.float32) -> tuple[ToyEps, VPSchedule]:
-    """Load the shipped toy model (``data/toy2d/<kind>.safetensors``) in eval mode, as
-    ``dtype``, with its schedule: ``model, schedule = load_toy()``."""
+def read_net(path: str | Path) -> ToyEps:
+    """The :class:`ToyEps` saved at ``<path>.safetensors`` (its config in the file's metadata)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else data_dir("toy2d", kind)
-    file = path.with_suffix(".safetensors")
+    file = Path(path).with_suffix(".safetensors")
     if not file.exists():
-        raise FileNotFoundError(f"{file} not found: train it with `python -m adjoint_lib.toy2d --kind {kind}`")
+        raise FileNotFoundError(f"{file} not found")
     with safe_open(str(file), framework="pt") as f:
         config = json.loads(f.metadata()["config"])
     model = ToyEps(cond_dim=config["cond_dim"], hidden=config["hidden"], depth=config["depth"],
                    t_dim=config["t_dim"])
     model.load_state_dict(load_file(str(file)))
-    return model.to(dtype).eval(), toy_schedule()
+    return model
+
+
+def load_toy(kind: str = "ring", path: str | Path | None = None,
+             dtype: torch.dtype = torch.float32) -> tuple[ToyEps, VPSchedule]:
+    """Load the shipped toy model (``data/toy2d/<kind>.safetensors``) in eval mode, as
+    ``dtype``, with its schedule: ``model, schedule = load_toy()``."""
+    path = Path(path) if path is not None else data_dir("toy2d", kind)
+    if not path.with_suffix(".safetensors").exists():
+        raise FileNotFoundError(f"{path.with_suffix('.safetensors')} not found: train it with "
+                                f"`python -m adjoint_lib.toy2d --kind {kind}`")
+    return read_net(path).to(dtype).eval(), toy_schedule()
 
 
 def training_log(kind: str = "ring", path: str | Path | None = None) -> dict:

@@ -14,11 +14,6 @@ MAX_LINES = 550
 # Files outside the benchmark package that are still being split (named so that the xfail
 # below can be removed once they are under the limit).
 KNOWN_LONG_FILES = {"adjoint_lib/tasks/stylize.py"}
-# Private imports outside the benchmark package, tracked the same way.
-KNOWN_PRIVATE_IMPORTS = {("adjoint_lib.baselines", "adjoint_lib.adjoint._pack_cond")}
-# Import cycles outside the benchmark package (judges imports evaluate lazily, evaluate imports
-# judges and the package that imports judges).
-KNOWN_CYCLES = [["adjoint_lib.models.mini", "adjoint_lib.models.mini.evaluate", "adjoint_lib.models.mini.judges"]]
 
 
 def _module_name(path: Path) -> str:
@@ -119,13 +114,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     """Every import counts, lazy ones inside functions too: a cycle is a design knot even when
     Python can load it."""
-    cycles = [c for c in _cycles(_graph()) if c not in KNOWN_CYCLES]
-    assert cycles == [], "modules that import each other (directly or around a loop)"
-
-
-@pytest.mark.xfail(strict=False, reason=f"known cycles outside adjoint_lib/bench: {KNOWN_CYCLES}")
-def test_no_known_cycles_left():
-    assert [c for c in _cycles(_graph()) if c in KNOWN_CYCLES] == []
+    assert _cycles(_graph()) == [], "modules that import each other (directly or around a loop)"
 
 
 def test_the_cycle_finder_sees_a_cycle():
@@ -143,13 +132,7 @@ def _private_imports() -> list[tuple[str, str]]:
 
 
 def test_no_module_imports_a_private_name_of_another():
-    offenders = [f for f in _private_imports() if f not in KNOWN_PRIVATE_IMPORTS]
-    assert offenders == [], "make these names public (no leading underscore) where they are shared"
-
-
-@pytest.mark.xfail(strict=False, reason=f"known private imports outside adjoint_lib/bench: {sorted(KNOWN_PRIVATE_IMPORTS)}")
-def test_no_known_private_imports_left():
-    assert [f for f in _private_imports() if f in KNOWN_PRIVATE_IMPORTS] == []
+    assert _private_imports() == [], "make these names public (no leading underscore) where they are shared"
 
 
 def test_the_private_import_check_sees_one(tmp_path):

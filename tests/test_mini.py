@@ -13,7 +13,7 @@ import torch
 
 from adjoint_lib.models import mini
 from adjoint_lib.models.mini import data, train
-from adjoint_lib.models.mini.evaluate import judge_metrics
+from adjoint_lib.models.mini.judges import judge_metrics
 
 
 @pytest.fixture(scope="module")

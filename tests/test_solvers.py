@@ -98,3 +98,21 @@ def test_sample_bad_input():
             adjoint_lib.sample(model, x, schedule=s, **kwargs)
     with pytest.raises(ValueError, match="shaped like x"):
         adjoint_lib.sample(lambda x, t, c: x[:, :1], x, schedule=s, steps=3)
+
+
+def test_exp_moments_against_quadrature_and_the_two_weight_families_agree():
+    """One quadrature serves both: the moments match numerical integration for c < 0, c = 0,
+    small and large |c h|, and ei_weights(lambdas, rho_a, rho_b) = -rho_a lambda_weights(c=1)."""
+    from adjoint_lib.solvers import exp_moments, lambda_weights
+
+    for h, c in [(0.7, 0.0), (0.3, 1e-3), (1.5, 1.0), (-0.8, 1.0), (2.0, -3.0), (0.05, 5.0), (3.0, 0.9)]:
+        s = np.linspace(0.0, h, 400001)
+        for m, mom in enumerate(exp_moments(h, c, 3)):
+            quad = np.trapezoid(np.exp(-c * s) * s ** m, s)
+            assert abs(mom - quad) <= 1e-8 * max(1.0, abs(quad)), (h, c, m)
+    assert exp_moments(math.inf, 2.0, 3) == [0.5, 0.25, 0.25]
+    lams, ra = [0.3, 0.0, -0.4], math.exp(-0.3)
+    for rb in (math.exp(-0.9), math.exp(-0.31)):
+        w_ei = ei_weights(lams, ra, rb)
+        w_lam = lambda_weights(lams, -math.log(rb), c=1.0)
+        assert np.allclose(w_ei, [-ra * w for w in w_lam], rtol=1e-12, atol=1e-15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..adjoint import SampleStats, sample
+from ..gradient_methods import Adjoint, Backprop, Checkpoint
 from ..memory import SavedTensorMeter
 from .problems import Problem
 
@@ -12,13 +13,12 @@ Tensor = torch.Tensor
 
 # gradient mode -> the sample() arguments that select it, and its label in tables and plots
 MODES = {
-    "adjoint": dict(grad="adjoint", trajectory="backsolve", label="adjoint (backsolve)"),
-    "adjoint-cache": dict(grad="adjoint", trajectory="cache", label="adjoint (cached trajectory)"),
-    "adjoint-cont": dict(grad="adjoint", trajectory="backsolve", scheme="continuous",
-                         label="adjoint, continuous scheme (backsolve)"),
-    "checkpoint": dict(grad="checkpoint", trajectory="backsolve", label="checkpoint (exact discrete)"),
-    "backprop": dict(grad="backprop", trajectory="backsolve", label="backprop"),
-    "dopri5": dict(grad=None, trajectory=None, label="torchdiffeq odeint_adjoint dopri5 (raw ODE)"),
+    "adjoint": dict(grad=Adjoint(), label="adjoint (backsolve)"),
+    "adjoint-cache": dict(grad=Adjoint(trajectory="cache"), label="adjoint (cached trajectory)"),
+    "adjoint-cont": dict(grad=Adjoint(scheme="continuous"), label="adjoint, continuous scheme (backsolve)"),
+    "checkpoint": dict(grad=Checkpoint(), label="checkpoint (exact discrete)"),
+    "backprop": dict(grad=Backprop(), label="backprop"),
+    "dopri5": dict(grad=None, label="torchdiffeq odeint_adjoint dopri5 (raw ODE)"),
 }
 COMPONENTS = ("x_T", "cond", "weights")  # the gradients every mode returns
 
@@ -52,9 +52,7 @@ def gradient(problem: Problem, mode: str, steps: int | None = None, order: int =
             raise ValueError(f"mode {mode!r} needs steps=")
         spec = MODES[mode]
         x0 = sample(problem.eps_fn, x, problem.cond_arg(c), schedule=problem.schedule, steps=steps,
-                    order=order, grad=spec["grad"], trajectory=spec["trajectory"],
-                    scheme=spec.get("scheme", "transpose"),
-                    params=problem.params, stats=stats)
+                    order=order, grad=spec["grad"], params=problem.params, stats=stats)
     problem.loss(x0).backward()
     out = {"x_T": x.grad.detach(), "cond": c.grad.detach(),
            "weights": torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()

@@ -26,7 +26,7 @@ import torch
 
 from . import DATA_DIR, GUIDANCE_SCALE, MiniSD, encode_prompts, eps_fn, generate, initial_noise, load
 from .data import Labels, random_labels
-from .judges import Judges, read_colors
+from .judges import Judges, judge_metrics
 from ...cli import add_output_arguments, nonnegative_float, output_path, positive_int
 from ...io import write_json
 from ...paths import outputs_dir
@@ -34,20 +34,6 @@ from ...paths import outputs_dir
 Tensor = torch.Tensor
 TARGETS = {"digit_judge_acc": 0.90, "color_acc": 0.95, "style_acc": 0.85,
            "load_seconds": 2.0, "sample16_seconds": 3.0}
-
-
-def judge_metrics(judges: Judges, images: Tensor, labels: Labels) -> dict[str, float]:
-    """Fraction of images (B, 3, 16, 16) in [-1, 1] whose attributes each judge reads as ``labels``."""
-    with torch.no_grad():
-        fg, bg = read_colors(images)
-        hits = {
-            "digit_judge_acc": judges.digit(images).argmax(1) == labels.digit,
-            "digit_auditee_acc": judges.auditee(images).argmax(1) == labels.digit,
-            "color_acc": fg == labels.color,
-            "background_acc": bg == labels.background,
-            "style_acc": judges.style(images).argmax(1) == labels.style,
-        }
-    return {k: round(float(v.float().mean()), 4) for k, v in hits.items()}
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:

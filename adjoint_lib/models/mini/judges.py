@@ -249,10 +249,22 @@ def load_judges(path: Path) -> Judges:
     return Judges(**nets)
 
 
+def judge_metrics(judges: Judges, images: Tensor, labels: Labels) -> dict[str, float]:
+    """Fraction of images (B, 3, 16, 16) in [-1, 1] whose attributes each judge reads as ``labels``."""
+    with torch.no_grad():
+        fg, bg = read_colors(images)
+        hits = {
+            "digit_judge_acc": judges.digit(images).argmax(1) == labels.digit,
+            "digit_auditee_acc": judges.auditee(images).argmax(1) == labels.digit,
+            "color_acc": fg == labels.color,
+            "background_acc": bg == labels.background,
+            "style_acc": judges.style(images).argmax(1) == labels.style,
+        }
+    return {k: round(float(v.float().mean()), 4) for k, v in hits.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the judges, save them and print their test-split accuracies."""
-    from .evaluate import judge_metrics
-
     p = argparse.ArgumentParser(description="Train the MiniSD judges.")
     p.add_argument("--steps", type=positive_int, default=3000)
     p.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,6 @@
 """Paper task 2 (stylization by LoRA fine-tuning): Gram loss math, style references and bad
 inputs, the sd path end to end on tiny random components, the mini path for one iteration."""
+import dataclasses
 import math
 
 import pytest
@@ -94,11 +95,11 @@ def test_bad_style_inputs_raise_clear_errors(tmp_path):
         S.as_style_image(torch.zeros(2, 3, 4, 4), "mini")
     with pytest.raises(ValueError, match="kind"):
         S.make_style_reference("plaid")
-    # the task itself fails fast (before loading any model)
-    with pytest.raises(FileNotFoundError, match="style image"):
-        S.run("mini", style=tmp_path / "missing.png")
-    with pytest.raises(ValueError, match="empty"):
-        S.run("sd", model_id="no/such-model", style=empty)
+    # the config check names the field, and the command refuses before loading any model
+    with pytest.raises(ValueError, match="style: style image .* not found"):
+        S.run(None, S.default_config("mini", style=str(tmp_path / "missing.png")))
+    with pytest.raises(SystemExit):
+        S.main(["--profile", "sd", "--model-id", "no/such-model", "--style", str(empty)])
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
         S.load_lora(torch.nn.Linear(1, 1), tmp_path)
 
@@ -114,8 +115,7 @@ def tiny_sd():
 
 def test_sd_path_end_to_end_tiny(tiny_sd, tmp_path):
     cfg = S.StylizeConfig(iterations=2, batch_size=2, steps=3, lr=1e-2, train_pairs=4)
-    m = S.run(model=tiny_sd, features=S.tiny_hf_features(), config=cfg, n_held_out=2, out_dir=tmp_path)
-    art = m.pop("_artifacts")
+    m, art = S.run(tiny_sd, dataclasses.replace(cfg, held_out=2), features=S.tiny_hf_features(), out_dir=tmp_path)
     for k in ("style_loss_before", "style_loss_after", "content_loss_after"):
         assert math.isfinite(m[k]), k
     res = art["result"]
@@ -186,8 +186,7 @@ def test_mini_path_one_iteration(tmp_path):
                                                                         (64, 8, 8), (128,)]
     assert feats.style_layers == (0, 1, 2) and feats.content_layers == (4,)
     cfg = S.StylizeConfig(iterations=1, batch_size=2, steps=3, train_pairs=2)
-    m = S.run(model=tm, config=cfg, n_held_out=2, out_dir=tmp_path)
-    art = m.pop("_artifacts")
+    m, art = S.run(tm, dataclasses.replace(cfg, held_out=2), out_dir=tmp_path)
     assert 0.0 <= m["judge_acc_after"] <= 1.0 and math.isfinite(m["style_loss_after"])
     assert art["result"].first_grad.abs().max() > 0
     assert m["lora_roundtrip_max_abs_diff"] < 1e-5

@@ -19,17 +19,17 @@ perturbation of the same size is the baseline.
 
 Auditees: MiniSD's :class:`~adjoint_lib.models.mini.judges.AuditeeCNN`; on ``sd`` a
 ``transformers`` ImageNet classifier (``microsoft/resnet-50``; no torchvision), with a
-tiny random ``ResNetConfig`` model for CI. ``python -m adjoint_lib.tasks.adversarial
---profile mini`` prints the metrics as one JSON line.
+tiny random ``ResNetConfig`` model for CI; ``--auditee`` / ``$ADJOINTDPM_AUDITEE`` and
+``--judge`` / ``$ADJOINTDPM_JUDGE`` name others (hub id or local folder). ``python -m
+adjoint_lib.tasks.adversarial --profile mini`` prints the metrics as one JSON line.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -38,13 +38,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
-from .common import TaskModel, task_cli, task_from_cli
+from .cli import GRAD_MODES, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
+from .common import TaskModel, TaskResult, tiny_resnet_config
+from .loading import load_hf, metric_model_id
 
 Tensor = torch.Tensor
 Classifier = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [-1, 1] -> logits (B, K)
 
 IMAGENET_CLASSIFIER = "microsoft/resnet-50"
 IMAGENET_JUDGE = "google/vit-base-patch16-224"
+AUDITEE_ENV, JUDGE_ENV = "ADJOINTDPM_AUDITEE", "ADJOINTDPM_JUDGE"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # ImageNet classes the sd profile prompts for ("a photo of a <name>")
@@ -56,17 +59,24 @@ class AttackConfig:
     """Settings of one audit (defaults: the paper's attack; :func:`default_config` gives each
     profile's, the tuned MiniSD ones for ``mini``)."""
 
-    delta: float = 0.1          # L-inf radius around the original noise (official: clamp 0.1)
-    lr: float = 0.01            # RMS step per element of the normalized gradient (official: 0.01)
-    iterations: int = 30        # official: 30
-    step: str = "l2"            # "l2": normalized gradient (the paper); "sign": sign of the gradient (L-inf PGD)
-    steps: int = 10             # sampler steps (DPM-Solver multistep, log-SNR grid)
-    order: int = 2
-    guidance_scale: float | None = None
-    n_pairs: int = 56           # attacked (prompt, seed) pairs
-    max_candidates: int = 256   # prompts/seeds generated to find n_pairs correctly classified ones
-    batch_size: int = 64        # generation batch while selecting
-    seed: int = 0
+    delta: float = setting(0.1, positive_float, "L-inf radius around the original noise (official: clamp 0.1)")
+    lr: float = setting(0.01, positive_float, "RMS step per element of the normalized gradient (official: 0.01)")
+    iterations: int = setting(30, positive_int, "official: 30")
+    step: str = setting("l2", one_of("l2", "sign"), "l2: normalized gradient (the paper); sign: L-inf PGD")
+    steps: int = setting(10, positive_int, "sampler steps (DPM-Solver multistep, log-SNR grid)")
+    order: int = setting(2, order_int)
+    guidance_scale: float | None = setting(None, positive_float, "default: the model's")
+    n_pairs: int = setting(56, positive_int, "attacked (prompt, seed) pairs")
+    max_candidates: int = setting(256, positive_int, "prompts/seeds generated to find n_pairs correct ones")
+    batch_size: int = setting(64, positive_int, "generation batch while selecting")
+    seed: int = setting(0, nonnegative_int)
+    grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
+    auditee: str | None = setting(None, None, f"sd: classifier under audit (hub id or folder; ${AUDITEE_ENV}, "
+                                              f"default {IMAGENET_CLASSIFIER})")
+    judge: str | None = setting(None, None, f"sd: independent judge (${JUDGE_ENV}, default {IMAGENET_JUDGE})")
+    labels_from: str = setting("prompt", one_of("prompt", "auditee"),
+                               "prompt: the class the prompt asks for; auditee: its own reading of the clean "
+                               "image (for classifiers whose classes the prompts do not name, e.g. random ones)")
 
 
 # MiniSD's tuned settings (notebook 06): its noise has 3x16x16 = 768 numbers against SD's 16384,
@@ -84,6 +94,9 @@ def default_config(profile: str, **overrides) -> AttackConfig:
     base = dict(steps=50, order=1, guidance_scale=7.5, n_pairs=8, max_candidates=24,
                 batch_size=4) if profile == "sd" else dict(MINI_ATTACK)
     return dataclasses.replace(AttackConfig(**base), **overrides)
+
+
+CONFIG = AttackConfig
 
 
 # ---------------------------------------------------------------------- classifiers
@@ -108,34 +121,24 @@ class ImageNetClassifier(nn.Module):
         return self.model(pixel_values=x.to(dtype)).logits.float()
 
 
-def load_imagenet_classifier(model_id: str = IMAGENET_CLASSIFIER, device: str | torch.device = "cpu") -> ImageNetClassifier:
-    """A hub/local ``AutoModelForImageClassification`` wrapped as :class:`ImageNetClassifier`;
-    a clear ``RuntimeError`` (never a hang) when it is not available offline."""
-    from transformers import AutoConfig, AutoModelForImageClassification
+def load_imagenet_classifier(model_id: str = IMAGENET_CLASSIFIER, device: str | torch.device = "cpu", *,
+                             flag: str = "--auditee", env: str = AUDITEE_ENV) -> ImageNetClassifier:
+    """A hub/local ``AutoModelForImageClassification`` wrapped as :class:`ImageNetClassifier`
+    (float32); a clear ``RuntimeError`` naming ``flag``/``env`` (never a hang) when it cannot
+    be loaded."""
+    from transformers import AutoModelForImageClassification
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        model = AutoModelForImageClassification.from_pretrained(
-            model_id, local_files_only=offline or os.path.isdir(str(model_id)))
-        cfg = AutoConfig.from_pretrained(model_id, local_files_only=offline or os.path.isdir(str(model_id)))
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(
-            f"could not load the image classifier {model_id!r}"
-            + (" offline (HF_HUB_OFFLINE=1): it is not in the local Hugging Face cache. Download it once "
-               "online, pass a local path, or use profile='mini'" if offline else "")
-            + f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
-    size = getattr(cfg, "image_size", 224)
+    model = load_hf(AutoModelForImageClassification, model_id, "the image classifier", flag=flag, env=env)
+    size = getattr(model.config, "image_size", 224)
     return ImageNetClassifier(model, size=size if isinstance(size, int) else 224).to(device)
 
 
 def tiny_classifier(num_labels: int = 10, seed: int = 0, size: int = 32) -> ImageNetClassifier:
     """A randomly initialized tiny ``ResNetForImageClassification`` (CI stand-in for ResNet-50)."""
-    from transformers import ResNetConfig, ResNetForImageClassification
+    from transformers import ResNetForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                       layer_type="basic", num_labels=num_labels)
-    return ImageNetClassifier(ResNetForImageClassification(cfg), size=size)
+    return ImageNetClassifier(ResNetForImageClassification(tiny_resnet_config(num_labels=num_labels)), size=size)
 
 
 @dataclass
@@ -144,10 +147,17 @@ class Auditors:
     auditee: Classifier
     judge: Classifier
     names: tuple[str, str] = ("auditee", "judge")
+    class_names: dict[int, str] = field(default_factory=dict)  # the auditee's label names (sd)
+
+    def label_name(self, i: int | Tensor, width: int = 10) -> str:
+        """The name of class ``i`` (its index when the auditee has no names)."""
+        return self.class_names.get(int(i), str(int(i)))[:width]
 
 
 def mini_auditors(model: TaskModel) -> Auditors:
-    judges = model.extra["judges"]
+    judges = model.spec.judges
+    if judges is None:
+        raise ValueError("the mini auditors need MiniSD's judges (data/mini/judges)")
     return Auditors(judges.auditee, judges.digit, ("AuditeeCNN", "DigitJudgeMLP"))
 
 
@@ -164,16 +174,17 @@ class AuditPairs:
     clean_acc: float
 
 
-def candidate_prompts(model: TaskModel, n: int, seed: int) -> tuple[list[str], Tensor]:
+def candidate_prompts(model: TaskModel, n: int, seed: int,
+                      names: dict[int, str] | None = None) -> tuple[list[str], Tensor]:
     """Random prompts and their labels: MiniSD captions (label = digit) or, on sd,
-    ``"a photo of a <ImageNet class>"`` over :data:`SD_CLASSES`."""
+    ``"a photo of a <ImageNet class>"`` over :data:`SD_CLASSES` (``names``: class names)."""
     g = torch.Generator().manual_seed(seed)
     if model.profile == "mini":
         from ..models.mini.data import random_labels
 
         labels = random_labels(n, g)
         return labels.captions(), labels.digit
-    names = model.extra.get("imagenet_names", {})
+    names = names or {}
     idx = torch.randint(len(SD_CLASSES), (n,), generator=g)
     cls = torch.tensor([SD_CLASSES[i] for i in idx.tolist()])
     return [f"a photo of a {names.get(int(c), f'class {int(c)}')}" for c in cls.tolist()], cls
@@ -183,25 +194,26 @@ def candidate_prompts(model: TaskModel, n: int, seed: int) -> tuple[list[str], T
 def generate_images(model: TaskModel, prompts: Sequence[str], x_T: Tensor, cfg: AttackConfig,
                     batch_size: int | None = None) -> Tensor:
     """Images in [-1, 1] from prompts and noises, in batches, no gradients."""
-    bs = batch_size or cfg.batch_size
-    out = []
-    for i in range(0, len(prompts), bs):
-        cond = model.encode(prompts[i:i + bs])
-        out.append(model.generate(x_T[i:i + bs], cond, steps=cfg.steps, order=cfg.order,
-                                  guidance_scale=cfg.guidance_scale).float())
-    return torch.cat(out)
+    return model.render(prompts, x_T, batch_size=batch_size or cfg.batch_size, steps=cfg.steps,
+                        order=cfg.order, guidance_scale=cfg.guidance_scale)
 
 
 @torch.no_grad()
 def select_pairs(model: TaskModel, auditors: Auditors, cfg: AttackConfig, *,
-                 require_judge: bool = True, labels_from_auditee: bool = False,
+                 require_judge: bool | None = None, labels_from_auditee: bool | None = None,
                  progress: bool = True) -> AuditPairs:
     """Generate candidates until ``cfg.n_pairs`` images are read correctly by the auditee
     (and, with ``require_judge``, by the judge too, so the judge's verdict afterwards
     measures whether the content survived). Seeds ``seed*100000 + i``.
     ``labels_from_auditee``: take the auditee's own reading of each clean image as its
-    label (for random CI classifiers, whose classes mean nothing)."""
-    prompts, labels = candidate_prompts(model, cfg.max_candidates, cfg.seed)
+    label (for classifiers whose classes the prompts do not name, e.g. random CI ones).
+    Defaults: from ``cfg.labels_from`` (``"auditee"``: no judge requirement)."""
+    if labels_from_auditee is None:
+        labels_from_auditee = cfg.labels_from == "auditee"
+    if require_judge is None:
+        require_judge = not labels_from_auditee
+    prompts, labels = candidate_prompts(model, cfg.max_candidates, cfg.seed,
+                                        {i: n.split(",")[0] for i, n in auditors.class_names.items()})
     model.check_prompts(prompts)
     keep_p, keep_s, keep_l, keep_i = [], [], [], []
     n_done, n_ok_auditee = 0, 0
@@ -276,11 +288,11 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def noise_gradient(model: TaskModel, x: Tensor, cond: Tensor, labels: Tensor, auditee: Classifier,
-                   cfg: AttackConfig, grad: str = "adjoint",
+                   cfg: AttackConfig, grad: str | None = None,
                    stats: SampleStats | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(dCE/dx, CE per sample, logits)`` of the auditee on the image generated from ``x``."""
     x = x.detach().requires_grad_(True)
-    images = model.generate(x, cond, steps=cfg.steps, order=cfg.order, grad=grad,
+    images = model.generate(x, cond, steps=cfg.steps, order=cfg.order, grad=cfg.grad if grad is None else grad,
                             guidance_scale=cfg.guidance_scale, stats=stats)
     logits = auditee(images.float())
     ce = cross_entropy(logits, labels)
@@ -289,15 +301,17 @@ def noise_gradient(model: TaskModel, x: Tensor, cond: Tensor, labels: Tensor, au
 
 
 def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor, auditee: Classifier,
-           cfg: AttackConfig, *, grad: str = "adjoint", progress: bool = True) -> AttackResult:
+           cfg: AttackConfig, *, grad: str | None = None, progress: bool = True) -> AttackResult:
     """Normalized gradient ascent on the auditee's cross-entropy inside the L-inf ball of
-    radius ``cfg.delta`` around ``x_T``; a pair stops once the auditee is wrong."""
-    if grad not in ("adjoint", "checkpoint", "backprop"):
+    radius ``cfg.delta`` around ``x_T``; a pair stops once the auditee is wrong. ``grad``
+    overrides ``cfg.grad``."""
+    grad = cfg.grad if grad is None else grad
+    if grad not in GRAD_MODES:
         raise ValueError(f"grad must be 'adjoint', 'checkpoint' or 'backprop', got {grad!r}")
     if cfg.step not in ("l2", "sign"):
         raise ValueError(f"step must be 'l2' or 'sign', got {cfg.step!r}")
-    if cfg.delta <= 0 or cfg.lr <= 0 or cfg.iterations < 1:
-        raise ValueError(f"need delta > 0, lr > 0 and iterations >= 1, got {cfg.delta}, {cfg.lr}, {cfg.iterations}")
+    if not (math.isfinite(cfg.delta) and math.isfinite(cfg.lr)) or cfg.delta <= 0 or cfg.lr <= 0 or cfg.iterations < 1:
+        raise ValueError(f"need finite delta > 0, lr > 0 and iterations >= 1, got {cfg.delta}, {cfg.lr}, {cfg.iterations}")
     if len(prompts) != x_T.shape[0] or len(labels) != x_T.shape[0]:
         raise ValueError(f"{len(prompts)} prompts, {len(labels)} labels and {x_T.shape[0]} noises: they must match")
     with torch.no_grad():
@@ -349,16 +363,22 @@ def random_perturbation(x_T: Tensor, delta: float, seed: int = 0) -> Tensor:
 
 # ---------------------------------------------------------------------- whole task
 def auditors_for(model: TaskModel, auditee_id: str | None = None, judge_id: str | None = None) -> Auditors:
-    """mini: AuditeeCNN and DigitJudgeMLP. sd: ResNet-50 and a ViT as judge (by id), or tiny
-    random ResNets for the tiny CI model."""
+    """mini: AuditeeCNN and DigitJudgeMLP. sd: the classifiers named by ``auditee_id`` /
+    ``judge_id``, else ``$ADJOINTDPM_AUDITEE`` / ``$ADJOINTDPM_JUDGE``, else tiny random
+    ResNets for the tiny CI model and ResNet-50 / a ViT otherwise."""
     if model.profile == "mini":
         return mini_auditors(model)
-    if model.extra.get("tiny"):
-        return Auditors(tiny_classifier(seed=0), tiny_classifier(seed=1), ("tiny ResNet", "tiny ResNet (judge)"))
-    auditee = load_imagenet_classifier(auditee_id or IMAGENET_CLASSIFIER, model.device)
-    judge = load_imagenet_classifier(judge_id or IMAGENET_JUDGE, model.device)
-    model.extra.setdefault("imagenet_names", {i: n.split(",")[0] for i, n in auditee.id2label.items()})
-    return Auditors(auditee, judge, (auditee_id or IMAGENET_CLASSIFIER, judge_id or IMAGENET_JUDGE))
+    import os
+
+    auditee_id, judge_id = auditee_id or os.environ.get(AUDITEE_ENV), judge_id or os.environ.get(JUDGE_ENV)
+    if model.spec.tiny and auditee_id is None and judge_id is None:
+        return Auditors(tiny_classifier(seed=0).to(model.device), tiny_classifier(seed=1).to(model.device),
+                        ("tiny ResNet", "tiny ResNet (judge)"))
+    auditee_id = metric_model_id(auditee_id, AUDITEE_ENV, IMAGENET_CLASSIFIER)
+    judge_id = metric_model_id(judge_id, JUDGE_ENV, IMAGENET_JUDGE)
+    auditee = load_imagenet_classifier(auditee_id, model.device)
+    judge = load_imagenet_classifier(judge_id, model.device, flag="--judge", env=JUDGE_ENV)
+    return Auditors(auditee, judge, (auditee_id, judge_id), dict(auditee.id2label))
 
 
 @torch.no_grad()
@@ -391,16 +411,17 @@ def evaluate(model: TaskModel, pairs: AuditPairs, result: AttackResult, auditors
     return out
 
 
-def run(model: TaskModel, cfg: AttackConfig | None = None, *, grad: str = "adjoint",
-        auditors: Auditors | None = None, pairs: AuditPairs | None = None,
-        progress: bool = True) -> tuple[dict, dict]:
-    """Select correctly classified pairs, attack them, evaluate. Returns ``(metrics,
-    artifacts)``: ``metrics`` JSON-ready (rounded), ``artifacts`` images and results."""
-    cfg = cfg or default_config(model.profile)
-    auditors = auditors or auditors_for(model)
+def run(model: TaskModel, cfg: AttackConfig | None = None, *, auditors: Auditors | None = None,
+        pairs: AuditPairs | None = None, out_dir: str | None = None, progress: bool = True) -> TaskResult:
+    """Select correctly classified pairs, attack them, evaluate. Returns a :class:`TaskResult`:
+    ``metrics`` JSON-ready (rounded; ``None`` where undefined, e.g. no pair fooled),
+    ``artifacts`` images and results. ``out_dir``: where ``metrics.json`` is written (none by default)."""
+    cfg = validate(cfg or default_config(model.profile))
+    grad = cfg.grad
+    auditors = auditors or auditors_for(model, cfg.auditee, cfg.judge)
     if pairs is None:
-        tiny = bool(model.extra.get("tiny"))
-        pairs = select_pairs(model, auditors, cfg, require_judge=not tiny, labels_from_auditee=tiny,
+        own = cfg.labels_from == "auditee" or (model.spec.tiny and cfg.auditee is None)
+        pairs = select_pairs(model, auditors, cfg, require_judge=not own, labels_from_auditee=own,
                              progress=progress)
     x_T = model.noise(pairs.seeds)
     result = attack(model, pairs.prompts, x_T, pairs.labels, auditors.auditee, cfg, grad=grad, progress=progress)
@@ -420,18 +441,17 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, grad: str = "adjoi
         "image_rms_change_random": round(ev["image_rms_change_random"], 4),
         "attack_seconds": round(result.seconds, 1), "nfe": result.nfe,
     }
-    return metrics, {"pairs": pairs, "result": result, "eval": ev, "auditors": auditors}
+    if out_dir is not None:
+        from ..io import write_json
+        write_json(Path(out_dir) / "metrics.json", metrics)
+    return TaskResult(metrics, {"pairs": pairs, "result": result, "eval": ev, "auditors": auditors})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = task_cli("Paper task 3: adversarial initial noise against an auditee classifier.", AttackConfig)
-    p.add_argument("--auditee-id", default=None, help=f"sd: image classifier (default {IMAGENET_CLASSIFIER})")
-    p.add_argument("--judge-id", default=None, help=f"sd: independent judge (default {IMAGENET_JUDGE})")
-    a = p.parse_args(argv)
-    model, cfg = task_from_cli(a, AttackConfig, default_config)
-    metrics, _ = run(model, cfg, grad=a.grad, auditors=auditors_for(model, a.auditee_id, a.judge_id),
-                     progress=False)
-    print(json.dumps(metrics))
+    """Command line: run the audit and print its metrics as one JSON line."""
+    import sys
+
+    run_cli(sys.modules[__name__], "Paper task 3: adversarial initial noise against an auditee classifier.", argv)
 
 
 if __name__ == "__main__":

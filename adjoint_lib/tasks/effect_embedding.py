@@ -18,13 +18,12 @@ noises it adds the effect. The result is exported in diffusers' textual-inversio
 reads on a Stable Diffusion pipeline (and :func:`load_embedding` on MiniSD).
 
 ``python -m adjoint_lib.tasks.effect_embedding --profile mini`` prints the metrics as one
-JSON line.
+JSON line (every :class:`EffectConfig` field is a flag; see :mod:`.cli`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
-from .common import TaskModel, task_cli, task_from_cli
+from ..io import save_safetensors
+from .cli import GRAD_MODES, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
+from .common import TaskModel, TaskResult
 
 Tensor = torch.Tensor
 PLACEHOLDER = "<effect>"
@@ -52,19 +53,20 @@ SD_SCENES = ("a street scene", "a house by a river", "a bridge over a canal", "a
 class EffectConfig:
     """Settings of one run (defaults: MiniSD; :func:`default_config` gives each profile's)."""
 
-    effect: str = "yellow"           # mini: a color or stroke style word; sd: appended to the scene
-    init_word: str = "a"             # neutral word the new token starts from
+    effect: str = setting("yellow", help="mini: a color or stroke style word; sd: appended to the scene")
+    init_word: str = setting("a", help="neutral word the new token starts from")
     token: str = PLACEHOLDER
-    n_train: int = 8                 # (prompt, noise) target pairs the token is fitted to
-    batch_size: int | None = None    # pairs per iteration (random subset); None: all of them
-    n_transfer: int = 64             # unseen (prompt, noise) pairs for the transfer test
-    iterations: int = 30
-    lr: float = 0.05                 # AdamW, as in the paper
+    n_train: int = setting(8, positive_int, "(prompt, noise) target pairs the token is fitted to")
+    batch_size: int | None = setting(None, positive_int, "pairs per iteration (random subset; default all)")
+    n_transfer: int = setting(64, positive_int, "unseen (prompt, noise) pairs for the transfer test")
+    iterations: int = setting(30, positive_int)
+    lr: float = setting(0.05, positive_float, "AdamW learning rate (the paper: 0.05)")
     weight_decay: float = 0.0
-    steps: int = 10                  # sampler steps (DPM-Solver multistep, log-SNR grid)
-    order: int = 2
-    guidance_scale: float | None = None  # None: the model's default
-    seed: int = 0
+    steps: int = setting(10, positive_int, "sampler steps (DPM-Solver multistep, log-SNR grid)")
+    order: int = setting(2, order_int)
+    guidance_scale: float | None = setting(None, positive_float, "default: the model's")
+    seed: int = setting(0, nonnegative_int)
+    grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
 
 
 def default_config(profile: str, **overrides) -> EffectConfig:
@@ -81,6 +83,9 @@ def default_config(profile: str, **overrides) -> EffectConfig:
     else:
         base = {}
     return dataclasses.replace(EffectConfig(**base), **overrides)
+
+
+CONFIG = EffectConfig
 
 
 @dataclass
@@ -170,12 +175,8 @@ def embedding_row(model: TaskModel, token_id: int) -> Tensor:
 def render(model: TaskModel, prompts: Sequence[str], x_T: Tensor, cfg: EffectConfig,
            token_vectors: dict[int, Tensor] | None = None, batch_size: int = 64) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] from prompts and noises, no gradients."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        cond = model.encode(prompts[i:i + batch_size], token_vectors=token_vectors)
-        out.append(model.generate(x_T[i:i + batch_size], cond, steps=cfg.steps, order=cfg.order,
-                                  guidance_scale=cfg.guidance_scale).float())
-    return torch.cat(out)
+    return model.render(prompts, x_T, batch_size=batch_size, steps=cfg.steps, order=cfg.order,
+                        guidance_scale=cfg.guidance_scale, token_vectors=token_vectors)
 
 
 # ---------------------------------------------------------------------- learning
@@ -213,13 +214,15 @@ def effect_loss(model: TaskModel, prompts: Sequence[str], x_T: Tensor, targets: 
 
 
 def learn_embedding(model: TaskModel, pairs: EffectPairs, targets: Tensor, cfg: EffectConfig, *,
-                    grad: str = "adjoint", progress: bool = True) -> EffectResult:
-    """Fit the new token's input embedding to the targets (AdamW on the pixel MSE).
+                    grad: str | None = None, progress: bool = True) -> EffectResult:
+    """Fit the new token's input embedding to the targets (AdamW on the pixel MSE, float32).
 
     ``model`` is the original model (a copy with the token is made by :func:`add_token`);
-    ``targets``: images (B, 3, H, W) generated from ``pairs.target_prompts``.
+    ``targets``: images (B, 3, H, W) generated from ``pairs.target_prompts``; ``grad``
+    overrides ``cfg.grad``.
     """
-    if grad not in ("adjoint", "checkpoint", "backprop"):
+    grad = cfg.grad if grad is None else grad
+    if grad not in GRAD_MODES:
         raise ValueError(f"grad must be 'adjoint', 'checkpoint' or 'backprop', got {grad!r}")
     if cfg.iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {cfg.iterations}")
@@ -265,9 +268,8 @@ def nearest_words(model: TaskModel, vector: Tensor, k: int = 5,
     ``vector``: among ``words`` (default: MiniSD's vocabulary on mini, the whole tokenizer
     vocabulary on sd)."""
     weight = model.text_encoder.get_input_embeddings().weight.detach().float()
-    if words is None and model.profile == "mini":
-        from ..models.mini import VOCABULARY
-        words = VOCABULARY
+    if words is None:
+        words = model.spec.vocabulary
     if words is not None:
         ids = [model.tokenizer(w, add_special_tokens=False).input_ids for w in words]
         keep = [(w, i[0]) for w, i in zip(words, ids) if len(i) == 1]
@@ -289,14 +291,15 @@ def detect_effect(model: TaskModel, images: Tensor, effect: str) -> Tensor | Non
     """mini: boolean (B,), the judges read ``effect`` off the images (the style CNN for a
     stroke style, the color read-out for a color). sd: ``None`` (no judge; transfer is
     measured by the MSE to the effect prompt's images)."""
-    if model.profile != "mini":
+    judges = model.spec.judges
+    if judges is None:
         return None
     from ..models.mini.data import COLORS, STYLES
     from ..models.mini.judges import read_colors
 
     with torch.no_grad():
         if effect in STYLES:
-            return model.extra["judges"].style(images.float()).argmax(1) == STYLES.index(effect)
+            return judges.style(images.float()).argmax(1) == STYLES.index(effect)
         return read_colors(images.float())[0] == COLORS.index(effect)
 
 
@@ -319,28 +322,26 @@ def transfer(model: TaskModel, result: EffectResult, cfg: EffectConfig) -> dict:
         out.update(rate_without=float(det[0].float().mean()), rate_with=float(det[1].float().mean()),
                    rate_target=float(det[2].float().mean()),
                    color_with=float((read_colors(with_tok)[0] == pairs.labels.color).float().mean()),
-                   style_with=float((model.extra["judges"].style(with_tok).argmax(1) == pairs.labels.style).float().mean()),
-                   digit_agree_with=float((model.extra["judges"].digit(with_tok).argmax(1)
-                                           == model.extra["judges"].digit(target).argmax(1)).float().mean()))
+                   style_with=float((model.spec.judges.style(with_tok).argmax(1) == pairs.labels.style).float().mean()),
+                   digit_agree_with=float((model.spec.judges.digit(with_tok).argmax(1)
+                                           == model.spec.judges.digit(target).argmax(1)).float().mean()))
     return out
 
 
 # ---------------------------------------------------------------------- export / import
 def save_embedding(result: EffectResult, directory: str | os.PathLike) -> Path:
     """Write ``learned_embeds.safetensors`` = ``{token: vector (1, D)}`` (diffusers'
-    textual-inversion format, as its ``train_textual_inversion.py`` saves it)."""
-    from safetensors.torch import save_file
-
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / EMBEDS_FILE
-    save_file({result.token: result.vector.detach().float().cpu()[None].contiguous()}, str(file))
+    textual-inversion format, as its ``train_textual_inversion.py`` saves it), atomically."""
+    file = Path(directory) / EMBEDS_FILE
+    save_safetensors({result.token: result.vector.detach().float().cpu()[None].contiguous()}, file)
+    if not file.is_file():
+        raise OSError(f"{file} was not written")
     return file
 
 
 def as_pipeline(model: TaskModel):
     """The model's ``StableDiffusionPipeline`` (built from its components if it has none)."""
-    pipe = model.extra.get("pipe")
+    pipe = model.spec.pipe
     if pipe is not None:
         return pipe
     from diffusers import StableDiffusionPipeline
@@ -385,14 +386,15 @@ def load_embedding(model: TaskModel, file: str | os.PathLike) -> tuple[TaskModel
 
 
 # ---------------------------------------------------------------------- whole task
-def run(model: TaskModel, cfg: EffectConfig | None = None, *, grad: str = "adjoint",
-        out_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[dict, dict]:
+def run(model: TaskModel, cfg: EffectConfig | None = None, *, out_dir: str | os.PathLike | None = None,
+        progress: bool = True) -> TaskResult:
     """The whole task: targets, learning, transfer, nearest words, export and reload.
 
-    Returns ``(metrics, artifacts)``: ``metrics`` is JSON-ready (rounded), ``artifacts``
-    holds the images and the :class:`EffectResult` for plotting.
+    Returns a :class:`TaskResult`: ``metrics`` JSON-ready (rounded), ``artifacts`` the images
+    and the :class:`EffectResult` for plotting.
     """
-    cfg = cfg or default_config(model.profile)
+    cfg = validate(cfg or default_config(model.profile))
+    grad = cfg.grad
     pairs = make_pairs(model, cfg, cfg.n_train)
     x_T = model.noise(pairs.seeds)
     targets = render(model, pairs.target_prompts, x_T, cfg)
@@ -428,16 +430,14 @@ def run(model: TaskModel, cfg: EffectConfig | None = None, *, grad: str = "adjoi
                                                       "color_with", "style_with", "digit_agree_with")})
     artifacts = {"pairs": pairs, "x_T": x_T, "targets": targets, "before": before, "after": after,
                  "reloaded": reloaded, "result": result, "transfer": tr}
-    return metrics, artifacts
+    return TaskResult(metrics, artifacts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = task_cli("Paper task 1: a visual effect -> a new token's embedding.", EffectConfig)
-    p.add_argument("--out", default=None, help="folder for learned_embeds.safetensors")
-    a = p.parse_args(argv)
-    model, cfg = task_from_cli(a, EffectConfig, default_config)
-    metrics, _ = run(model, cfg, grad=a.grad, out_dir=a.out, progress=False)
-    print(json.dumps(metrics))
+    """Command line: run the task and print its metrics as one JSON line."""
+    import sys
+
+    run_cli(sys.modules[__name__], "Paper task 1: a visual effect -> a new token's embedding.", argv)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,14 @@ def image_grid(rows: Sequence[Tensor], row_labels: Sequence[str] = (), col_label
     """A figure with one row per tensor of images (N, 3, H, W) in [-1, 1].
 
     ``row_labels`` go on the left, ``col_labels`` above the first row, ``cell_titles[r][c]``
-    (optional) above each image. Returns the figure.
+    (optional) above each image; rows with no images show an empty frame (e.g. when an attack
+    fooled no pair). Returns the figure.
     """
     import matplotlib.pyplot as plt
 
-    n_rows, n_cols = len(rows), max(int(r.shape[0]) for r in rows)
+    if not rows:
+        raise ValueError("image_grid needs at least one row of images")
+    n_rows, n_cols = len(rows), max(1, max(int(r.shape[0]) for r in rows))
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 0.9, cell * n_rows + 0.5), squeeze=False)
     for r, images in enumerate(rows):
         for c in range(n_cols):
@@ -31,6 +34,8 @@ def image_grid(rows: Sequence[Tensor], row_labels: Sequence[str] = (), col_label
             ax.set_xticks([]), ax.set_yticks([])
             if c < images.shape[0]:
                 ax.imshow(to_numpy_image(images[c]), interpolation="nearest")
+            elif images.shape[0] == 0 and c == 0:
+                ax.text(0.5, 0.5, "(none)", ha="center", va="center", fontsize=fontsize, transform=ax.transAxes)
             else:
                 ax.axis("off")
             if cell_titles is not None and c < len(cell_titles[r]):

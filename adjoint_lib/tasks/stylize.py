@@ -23,23 +23,22 @@ trained with color jitter: its deep layer encodes the digit's shape, not its col
 reference a procedural 16x16 texture (:func:`make_style_reference`, shipped in
 ``data/styles/``), the content layer the classifier's penultimate features, and the
 independent digit judge (an MLP on a color-normalized ink map) checks that the digits survive. On
-``sd`` it is a ``transformers`` vision model's hidden states (:class:`HFFeatures`, e.g.
-``microsoft/resnet-50``; no torchvision).
+``sd`` it is a ``transformers`` vision model's hidden states (:class:`HFFeatures`,
+``microsoft/resnet-50`` unless ``--feature-model`` / ``$ADJOINTDPM_FEATURE_MODEL`` name
+another hub id or local folder; no torchvision).
 
-``python -m adjoint_lib.tasks.stylize --profile mini`` prints the metrics as one JSON line.
+``python -m adjoint_lib.tasks.stylize --profile mini`` prints the metrics as one JSON line
+(every :class:`StylizeConfig` field is a flag; see :mod:`.cli`).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import json
+import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +47,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..paths import data_dir
-from .common import SD_MODEL_ID, TaskModel, load_task_model
+from .cli import (GRAD_MODES, nonnegative_float, nonnegative_int, one_of, order_int, positive_float, positive_int,
+                  run_cli, setting, validate)
+from .common import TaskModel, TaskResult
+from .features import (FEATURE_ENV, HF_FEATURE_MODEL, FeatureNet, HFFeatures, SequentialTaps,  # noqa: F401
+                       default_features, hf_features, mini_features, tiny_hf_features)
+from .lora import (LORA_TARGETS, LORA_WEIGHT_NAME, activate, add_lora, base_model, load_lora,  # noqa: F401
+                   lora_parameters, save_lora)
 
 Tensor = torch.Tensor
 
@@ -56,9 +61,6 @@ STYLE_DIR = data_dir("styles")
 STYLE_KINDS = ("stripes", "checker", "dots")
 #: the default reference colors: orange and deep violet (neither is a MiniSD color)
 STYLE_COLORS = ((1.0, 0.55, 0.0), (0.35, 0.0, 0.55))
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-HF_FEATURE_MODEL = "microsoft/resnet-50"
 SD_PROMPTS = ("a photo of a cat", "a mountain lake at sunrise", "a red sports car on a street",
               "a bowl of fruit on a table", "a lighthouse by the sea", "a portrait of an old man",
               "a city skyline at night", "a forest path in autumn")
@@ -164,135 +166,6 @@ def gram_matrix(features: Tensor) -> Tensor:
     return f @ f.transpose(1, 2) / (h * w)
 
 
-class FeatureNet(nn.Module):
-    """A fixed network whose ``forward(images in [-1, 1])`` returns a list of feature maps;
-    ``style_layers`` index the ones whose Gram matrices define style, ``content_layers``
-    the ones compared for content."""
-
-    style_layers: tuple[int, ...]
-    content_layers: tuple[int, ...]
-
-    def freeze(self) -> "FeatureNet":
-        return self.eval().requires_grad_(False)
-
-
-class SequentialTaps(FeatureNet):
-    """Feature maps after the given modules of an ``nn.Sequential`` (e.g. the ReLUs of a
-    shipped CNN). ``taps`` are module indices; the network runs up to the last tap."""
-
-    def __init__(self, net: nn.Sequential, taps: Sequence[int], style_layers: Sequence[int],
-                 content_layers: Sequence[int]) -> None:
-        super().__init__()
-        self.net = net[:max(taps) + 1]
-        self.taps = tuple(taps)
-        self.style_layers, self.content_layers = tuple(style_layers), tuple(content_layers)
-        self.freeze()
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        out, h = [], images
-        for i, m in enumerate(self.net):
-            h = m(h)
-            if i in self.taps:
-                out.append(h)
-        return out
-
-
-def mini_features(model: TaskModel, taps: Sequence[int] = (1, 3, 6, 8, 12),
-                  style_layers: Sequence[int] = (0, 1, 2), content_layers: Sequence[int] = (4,)) -> SequentialTaps:
-    """MiniSD's feature network: the shipped auditee CNN (``taps`` index its ``net``: the
-    ReLUs after conv 1-4 and after the first fully connected layer). Style: Gram matrices of
-    the first three conv ReLUs (32 x 16x16, 32 x 16x16, 64 x 8x8); content: the 128 features
-    the classifier's decision is read from, which color jitter in training made nearly
-    color-blind. (Measured on mini: with the fourth conv layer as content the judge lost
-    2 points more at the same style drop.)"""
-    judges = model.extra.get("judges")
-    if judges is None:
-        raise ValueError("the mini profile needs MiniSD's judges (data/mini/judges)")
-    net = copy.deepcopy(judges.auditee.net)
-    return SequentialTaps(net, taps=taps, style_layers=style_layers, content_layers=content_layers)
-
-
-class HFFeatures(FeatureNet):
-    """Hidden states of a ``transformers`` vision backbone (``ResNetModel``,
-    ``ConvNextModel``, ...) called with ``output_hidden_states=True``. Images in [-1, 1]
-    are mapped to [0, 1], resized to ``size`` and normalized with ``mean``/``std``
-    (ImageNet's by default). Default layers: style = every hidden state but the last,
-    content = the last."""
-
-    def __init__(self, model: nn.Module, size: int | None = 224,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 style_layers: Sequence[int] | None = None, content_layers: Sequence[int] | None = None) -> None:
-        super().__init__()
-        self.model, self.size = model, size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        n = self._n_states()
-        self.style_layers = tuple(style_layers) if style_layers is not None else tuple(range(n - 1))
-        self.content_layers = tuple(content_layers) if content_layers is not None else (n - 1,)
-        for i in self.style_layers + self.content_layers:
-            if not -n <= i < n:
-                raise ValueError(f"layer {i} out of range: the model returns {n} hidden states")
-        self.freeze()
-
-    def _n_states(self) -> int:
-        cfg = self.model.config
-        with torch.no_grad():
-            x = torch.zeros(1, 3, self.size or 32, self.size or 32, device=self.mean.device)
-            try:
-                return len(self._states(x))
-            except Exception:  # noqa: BLE001 (fall back to the config)
-                return len(getattr(cfg, "hidden_sizes", getattr(cfg, "depths", ()))) + 1
-
-    def _states(self, x: Tensor) -> tuple[Tensor, ...]:
-        dtype = next(self.model.parameters()).dtype
-        states = self.model(pixel_values=x.to(dtype), output_hidden_states=True).hidden_states
-        return tuple(s.float() for s in states if s.ndim == 4)
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        x = (images.float().clamp(-1, 1) + 1) / 2
-        if self.size is not None and x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.size)
-        return list(self._states((x - self.mean.to(x)) / self.std.to(x)))
-
-
-def hf_features(model_id: str = HF_FEATURE_MODEL, device: str | torch.device = "cpu", size: int = 224) -> HFFeatures:
-    """:class:`HFFeatures` on a pretrained ``transformers`` backbone (offline-safe: a clear
-    error instead of a hub lookup when ``HF_HUB_OFFLINE=1`` and it is not cached)."""
-    import os
-
-    from transformers import AutoModel
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        model = AutoModel.from_pretrained(model_id, local_files_only=offline or os.path.isdir(model_id))
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not load the feature network {model_id!r}"
-                           + (" offline (HF_HUB_OFFLINE=1): download it once online or pass a local path"
-                              if offline else "") + f" ({type(exc).__name__})") from exc
-    return HFFeatures(model.to(device), size=size).to(device)
-
-
-def tiny_hf_features(seed: int = 0, size: int | None = 32) -> HFFeatures:
-    """A randomly initialized tiny ``ResNetModel`` (two stages) for CI of the ``sd`` path."""
-    from transformers import ResNetConfig, ResNetModel
-
-    torch.manual_seed(seed)
-    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                       layer_type="basic", hidden_act="relu")
-    return HFFeatures(ResNetModel(cfg).eval(), size=size)
-
-
-def default_features(model: TaskModel) -> FeatureNet:
-    """The feature network of a profile: :func:`mini_features` on mini, a tiny random ResNet
-    on the tiny CI components, :func:`hf_features` (ResNet-50) on Stable Diffusion."""
-    if model.profile == "mini":
-        return mini_features(model)
-    if model.extra.get("tiny"):
-        return tiny_hf_features()
-    return hf_features(device=model.device)
-
-
 class StyleLoss(nn.Module):
     """``loss(images, base) -> (total, style, content)``, each per image (B,): the Gram
     loss against the reference (normalized per layer by ``|G_l(ref)|^2``, averaged over
@@ -336,112 +209,6 @@ class StyleLoss(nn.Module):
         return s + self.content_weight * c, s, c
 
 
-# ============================================================== LoRA
-def add_lora(unet: nn.Module, adapter_name: str = "style", rank: int = 4, alpha: float | None = None,
-             target_modules: Sequence[str] = LORA_TARGETS, seed: int = 0) -> list[Tensor]:
-    """Add a peft LoRA adapter (``unet.add_adapter``) to the UNet's attention projections and
-    ResNet convolutions, make it the active one, and return its trainable tensors (float32,
-    also on a half-precision UNet). ``B`` starts at zero,
-    so the adapted UNet starts as the base model. Replaces an adapter of the same name."""
-    from peft import LoraConfig
-
-    if adapter_name in (getattr(unet, "peft_config", None) or {}):
-        unet.delete_adapters(adapter_name)
-    cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=True,
-                     target_modules=list(target_modules))
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():  # "multiple adapters in the model": intended
-        warnings.filterwarnings("ignore", message=".*peft_config.*")
-        unet.add_adapter(cfg, adapter_name=adapter_name)
-    return lora_parameters(unet, adapter_name)
-
-
-def lora_parameters(unet: nn.Module, adapter_name: str) -> list[Tensor]:
-    """The adapter's tensors, set to require grad (the base weights stay frozen)."""
-    params = [p for n, p in unet.named_parameters() if "lora_" in n and n.endswith(f".{adapter_name}.weight")]
-    if not params:
-        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
-    for p in params:
-        if p.dtype != torch.float32:  # half-precision UNet: adapters (and their gradients) in float32;
-            p.data = p.data.float()   # peft casts the layer input to the adapter's dtype and back
-        p.requires_grad_(True)
-    return params
-
-
-def activate(unet: nn.Module, adapter_name: str | None) -> None:
-    """Use only ``adapter_name`` (``None``: the base model, all adapters off)."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
-        if adapter_name is None:
-            return
-        raise ValueError(f"the UNet has no adapters (wanted {adapter_name!r})")
-    if adapter_name is None:
-        unet.disable_adapters()
-    else:
-        unet.enable_adapters()
-        unet.set_adapter(adapter_name)
-
-
-@contextlib.contextmanager
-def base_model(unet: nn.Module) -> Iterator[None]:
-    """Inside: the UNet without its adapters (the pre-fine-tuning model)."""
-    loaded = getattr(unet, "_hf_peft_config_loaded", False)
-    if loaded:
-        unet.disable_adapters()
-    try:
-        yield
-    finally:
-        if loaded:
-            unet.enable_adapters()
-
-
-def save_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style") -> Path:
-    """Save the adapter in diffusers' LoRA format: ``<directory>/pytorch_lora_weights.safetensors``
-    with ``unet.``-prefixed keys (what ``StableDiffusionPipeline.load_lora_weights`` reads),
-    plus the peft config as metadata."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # StableDiffusionPipeline's saver
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    converted = convert_state_dict_to_diffusers(state)
-    # diffusers' converter renames only attention projections (to_q.lora.down, ...); its
-    # loader decides from the *first* key whether to convert back, so a mixed dict (conv
-    # targets keep peft's lora_A/lora_B) would load half the adapter. Keep one naming.
-    if all(".lora_A." not in k and ".lora_B." not in k for k in converted):
-        state = converted
-    state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-    meta = unet.peft_config[adapter_name].to_dict()
-    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(directory), unet_lora_layers=state,
-                                                     weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=meta)
-    return Path(directory) / LORA_WEIGHT_NAME
-
-
-def load_lora(unet: nn.Module, directory: str | Path, adapter_name: str = "style_loaded") -> None:
-    """Load an adapter saved by :func:`save_lora` (or any diffusers-format SD LoRA) into
-    ``unet`` (``unet.load_lora_adapter``) and make it the active one. On a full pipeline
-    ``pipe.load_lora_weights(directory)`` does the same."""
-    path = Path(directory)
-    if not (path / LORA_WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {str(path)!r}: save one with save_lora()")
-    if adapter_name in (getattr(unet, "peft_config", None) or {}):
-        unet.delete_adapters(adapter_name)
-    from diffusers.utils import logging as dlogging
-
-    level = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()  # other adapters' keys are reported "missing": expected
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*peft_config.*")
-            unet.load_lora_adapter(str(path), weight_name=LORA_WEIGHT_NAME, prefix="unet",
-                                   adapter_name=adapter_name, local_files_only=True)
-    finally:
-        dlogging.set_verbosity(level)
-    for p in lora_parameters(unet, adapter_name):  # float32 like add_lora's (half-precision UNets)
-        p.requires_grad_(False)
-    activate(unet, adapter_name)
-
-
 # ============================================================== prompts and noises
 @dataclass
 class PromptSet:
@@ -474,21 +241,34 @@ def prompt_set(model: TaskModel, n: int, seed: int, split: str = "train") -> Pro
 
 
 # ============================================================== the task
+def style_file(text: str) -> str:
+    """A readable style image (checked when the flag is parsed, before any model loads)."""
+    try:
+        load_style_image(text)
+    except (FileNotFoundError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 @dataclass
 class StylizeConfig:
     """Settings of the fine-tuning loop (defaults: the ``mini`` profile)."""
-    iterations: int = 32
-    batch_size: int = 4
-    lr: float = 5e-3
-    rank: int = 4
-    content_weight: float = 3.0
-    steps: int = 8
-    order: int = 2
-    guidance_scale: float | None = None      # None: the model's default
-    grad: str = "adjoint"
-    train_pairs: int = 64
-    seed: int = 0
-    target_modules: tuple[str, ...] = LORA_TARGETS
+    iterations: int = setting(32, positive_int)
+    batch_size: int = setting(4, positive_int, "prompt/noise pairs per iteration")
+    lr: float = setting(5e-3, positive_float, "Adam learning rate of the LoRA tensors")
+    rank: int = setting(4, positive_int, "LoRA rank")
+    content_weight: float = setting(3.0, nonnegative_float)
+    steps: int = setting(8, positive_int, "sampler steps (DPM-Solver multistep, log-SNR grid)")
+    order: int = setting(2, order_int)
+    guidance_scale: float | None = setting(None, positive_float, "default: the model's")
+    grad: str = setting("adjoint", one_of(*GRAD_MODES), "gradient method of adjoint_lib.sample")
+    train_pairs: int = setting(64, positive_int, "training prompt/noise pairs")
+    seed: int = setting(0, nonnegative_int)
+    target_modules: tuple[str, ...] = setting(LORA_TARGETS, None, "module names that get LoRA adapters")
+    held_out: int = setting(48, positive_int, "held-out prompt/noise pairs for the evaluation")
+    style: str | None = setting(None, style_file, "style reference image (default data/styles/stripes_*.png)")
+    feature_model: str | None = setting(None, None, f"sd: feature network (hub id or folder; ${FEATURE_ENV}, "
+                                                    f"default {HF_FEATURE_MODEL})")
 
 
 @dataclass
@@ -508,14 +288,8 @@ def generate_images(model: TaskModel, pairs: PromptSet, *, steps: int, order: in
                     guidance_scale: float | None = None, batch_size: int | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] of ``pairs`` with the UNet's active adapter, generated
     ``batch_size`` at a time (default: 32 on mini, 4 on sd)."""
-    batch_size = batch_size or (32 if model.profile == "mini" else 4)
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        part = pairs.take(range(i, min(len(pairs), i + batch_size)))
-        cond = model.encode(part.prompts)
-        out.append(model.generate(model.noise(part.seeds), cond, steps=steps, order=order,
-                                  guidance_scale=guidance_scale).float())
-    return torch.cat(out)
+    return model.render(pairs.prompts, model.noise(pairs.seeds), batch_size=batch_size or (32 if model.profile == "mini" else 4),
+                        steps=steps, order=order, guidance_scale=guidance_scale)
 
 
 def stylize(model: TaskModel, loss_fn: StyleLoss, config: StylizeConfig | None = None,
@@ -573,7 +347,7 @@ def evaluate(model: TaskModel, loss_fn: StyleLoss, images: Tensor, base: Tensor 
     judge's accuracy on the prompted digits, for images of ``pairs``."""
     _, style, content = loss_fn(images, base)
     out = {"style_loss": float(style.mean()), "content_loss": float(content.mean())}
-    judges = model.extra.get("judges")
+    judges = model.spec.judges
     if judges is not None and pairs.digits is not None:
         pred = judges.digit(images.cpu()).argmax(1)
         out["judge_acc"] = float((pred == torch.tensor(pairs.digits)).float().mean())
@@ -585,32 +359,29 @@ def gradient_cosine(a: Tensor, b: Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def default_config(profile: str) -> StylizeConfig:
-    """Tuned settings: ``mini`` (CPU minutes) or ``sd`` (GPU)."""
-    if profile == "mini":
-        return StylizeConfig()
-    return StylizeConfig(iterations=100, batch_size=1, lr=1e-3, rank=4, content_weight=3.0,
-                         steps=20, order=2, train_pairs=64)
+def default_config(profile: str, **overrides) -> StylizeConfig:
+    """Tuned settings: ``mini`` (CPU minutes) or ``sd`` (GPU), with ``overrides``."""
+    base = {} if profile == "mini" else dict(iterations=100, batch_size=1, lr=1e-3, rank=4, content_weight=3.0,
+                                             steps=20, order=2, train_pairs=64)
+    return dataclasses.replace(StylizeConfig(**base), **overrides)
 
 
-def run(profile: str | None = None, model_id: str = SD_MODEL_ID, style: str | Path | Tensor | None = None,
-        config: StylizeConfig | None = None, n_held_out: int = 48, out_dir: str | Path | None = None,
-        model: TaskModel | None = None, features: FeatureNet | None = None,
-        progress: bool = False) -> dict:
+CONFIG = StylizeConfig
+
+
+def run(model: TaskModel, cfg: StylizeConfig | None = None, *, out_dir: str | Path | None = None,
+        features: FeatureNet | None = None, progress: bool = False) -> TaskResult:
     """The whole task: fine-tune, evaluate on held-out pairs before/after, save the LoRA in
-    diffusers' format, load it back and check it reproduces the images. Returns metrics
-    (and, under ``"_artifacts"``, tensors for plots)."""
+    diffusers' format, load it back and check it reproduces the images. Returns a
+    :class:`TaskResult` (``artifacts``: tensors for plots)."""
     from ..paths import outputs_dir
 
-    from ..paths import profile as resolve_profile
-
-    prof = model.profile if model is not None else resolve_profile(profile)
-    ref = as_style_image(style, prof, 16 if prof == "mini" else None)  # bad input fails fast
-    model = model or load_task_model(prof, model_id)
-    cfg = config or default_config(prof)
-    features = features if features is not None else default_features(model)
+    cfg = validate(cfg or default_config(model.profile))
+    prof = model.profile
+    ref = as_style_image(cfg.style, prof, 16 if prof == "mini" else None)
+    features = features if features is not None else default_features(model, cfg.feature_model)
     loss_fn = StyleLoss(features, ref.to(model.device), cfg.content_weight)
-    held = prompt_set(model, n_held_out, cfg.seed, "held_out")
+    held = prompt_set(model, cfg.held_out, cfg.seed, "held_out")
     with base_model(model.unet):
         before = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
     result = stylize(model, loss_fn, cfg, progress=progress)
@@ -636,37 +407,16 @@ def run(profile: str | None = None, model_id: str = SD_MODEL_ID, style: str | Pa
     if prof == "mini":
         metrics["targets_met"] = bool(metrics["style_loss_drop"] >= 0.5 and metrics["judge_acc_after"] >= 0.85
                                       and len(held) >= 32)
-    metrics["_artifacts"] = {"before": before, "after": after, "reference": ref, "held_out": held,
-                             "history": result.history, "result": result}
-    return metrics
+    artifacts = {"before": before, "after": after, "reloaded": reloaded, "reference": ref, "held_out": held,
+                 "history": result.history, "result": result}
+    return TaskResult(metrics, artifacts)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: run the task and print its metrics as one JSON line."""
-    p = argparse.ArgumentParser(description="Paper task 2: stylization by LoRA fine-tuning through the adjoint.")
-    p.add_argument("--profile", choices=("mini", "sd"), default=None)
-    p.add_argument("--model-id", default=SD_MODEL_ID, help="Stable Diffusion id or path (sd; 'tiny' for CI)")
-    p.add_argument("--style", default=None, help="style reference image (default: data/styles/stripes_*.png)")
-    p.add_argument("--grad", choices=("adjoint", "checkpoint", "backprop"), default="adjoint")
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--held-out", type=int, default=48)
-    p.add_argument("--out", default=None, help="where to save the LoRA (default: outputs/stylize/<profile>)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on mini, whose tiny tensors run fastest on one)")
-    p.add_argument("--progress", action="store_true")
-    a = p.parse_args(argv)
-    from ..paths import profile as resolve_profile
+    import sys
 
-    prof = resolve_profile(a.profile)
-    if a.threads or prof == "mini":
-        torch.set_num_threads(a.threads or 1)
-    cfg = default_config(prof)
-    cfg.grad = a.grad
-    if a.iterations is not None:
-        cfg.iterations = a.iterations
-    metrics = run(prof, a.model_id, a.style, cfg, a.held_out, a.out, progress=a.progress)
-    metrics.pop("_artifacts")
-    print(json.dumps(metrics))
+    run_cli(sys.modules[__name__], "Paper task 2: stylization by LoRA fine-tuning through the adjoint.", argv)
 
 
 if __name__ == "__main__":

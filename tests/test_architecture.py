@@ -160,10 +160,5 @@ def _long_files() -> dict[str, int]:
 
 
 def test_no_file_over_the_line_limit():
-    long = {f: n for f, n in _long_files().items() if f not in KNOWN_LONG_FILES}
+    long = _long_files()
     assert long == {}, f"files over {MAX_LINES} lines: split them by concern"
-
-
-@pytest.mark.xfail(strict=False, reason=f"being split outside adjoint_lib/bench: {sorted(KNOWN_LONG_FILES)}")
-def test_known_long_files_are_split():
-    assert {f: n for f, n in _long_files().items() if f in KNOWN_LONG_FILES} == {}

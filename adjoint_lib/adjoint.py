@@ -17,7 +17,6 @@ transpose scheme on the stored grid states.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence

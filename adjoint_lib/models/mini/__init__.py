@@ -23,10 +23,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ...adjoint import sample
 from ...paths import data_dir
 from ...schedule import VPSchedule
 from ..diffusers_eps import UNetEps
+from ..text_to_image import Profile, TaskModel, check_vocabulary, seeded_noise
 from .data import (BACKGROUNDS, COLORS, DIGITS, PAIRS, STYLES, VOCABULARY, Labels, caption,
                    random_labels)
 from .judges import Judges, load_judges
@@ -63,18 +63,7 @@ def check_prompt(prompt: str, extra_words: Iterable[str] = ()) -> list[str]:
     ``extra_words`` are also accepted (e.g. tokens added by textual inversion).
     Returns the words; raises ``ValueError`` naming the unknown ones and listing the vocabulary.
     """
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    words, extra_words = prompt.lower().split(), list(extra_words)
-    allowed = set(VOCABULARY) | {w.lower() for w in extra_words}
-    unknown = [w for w in words if w not in allowed]
-    if unknown:
-        raise ValueError(f"prompt {prompt!r} has word(s) outside the MiniSD vocabulary: {unknown}. "
-                         f"Known words: {' '.join(VOCABULARY)}"
-                         + (f" (+ added tokens: {' '.join(sorted(extra_words))})" if extra_words else ""))
-    if len(words) + 2 > MAX_LENGTH:
-        raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {MAX_LENGTH - 2} fit")
-    return words
+    return check_vocabulary(prompt, VOCABULARY, extra_words, MAX_LENGTH, "MiniSD")
 
 
 def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> Tensor:
@@ -91,8 +80,7 @@ def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[s
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = IMAGE_SHAPE) -> Tensor:
     """Standard normal x_T (B, 3, 16, 16); item i depends only on ``seeds[i]``."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
+    return seeded_noise(seeds, shape)
 
 
 def load(path: str | Path | None = None, judges: bool = True) -> MiniSD:
@@ -134,37 +122,35 @@ def load(path: str | Path | None = None, judges: bool = True) -> MiniSD:
                   load_seconds=time.perf_counter() - t0)
 
 
+def task_model(model: MiniSD, device: str | torch.device | None = "cpu") -> TaskModel:
+    """MiniSD as a :class:`~adjoint_lib.models.text_to_image.TaskModel` (its judges and
+    vocabulary in the profile), on ``device``: the one interface MiniSD's tools and the tasks use."""
+    device = torch.device(device or "cpu")
+    judges = [model.judges.auditee, model.judges.digit, model.judges.style] if model.judges else []
+    for mod in [model.text_encoder, model.unet] + judges:
+        mod.to(device)
+    return TaskModel(Profile("mini", judges=model.judges, vocabulary=tuple(VOCABULARY)), model.tokenizer,
+                     model.text_encoder, model.unet, model.scheduler, model.schedule, None, IMAGE_SHAPE,
+                     GUIDANCE_SCALE, MAX_LENGTH, device=device)
+
+
 def eps_fn(model: MiniSD, guidance_scale: float = GUIDANCE_SCALE) -> UNetEps:
     """The model's ``eps_fn(x, t, cond)`` for :func:`adjoint_lib.sample`: guidance with
     ``cond=(prompt_embeddings, null_embedding)``, and the UNet's v turned into eps."""
-    return UNetEps(model.unet, schedule=model.schedule, guidance_scale=guidance_scale,
-                   prediction_type=model.scheduler.config.prediction_type)
-
-
-def _prompt_words_ok(model: MiniSD, prompts: Sequence[str]) -> None:
-    added = list(model.tokenizer.get_added_vocab())
-    specials = set(model.tokenizer.all_special_tokens)
-    for p in prompts:
-        check_prompt(p, [w for w in added if w not in specials])
+    return task_model(model).eps_fn(guidance_scale)
 
 
 def generate(model: MiniSD, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
              order: int = 2, guidance_scale: float = GUIDANCE_SCALE, grad: str | None = None,
              x_T: Tensor | None = None, params: Sequence[Tensor] = ()) -> Tensor:
-    """Generate images (B, 3, 16, 16), roughly in [-1, 1], from prompts and seeds.
-
-    Samples the probability-flow ODE with :func:`adjoint_lib.sample` (DPM-Solver of
-    ``order`` on a log-SNR grid of ``steps`` steps) and classifier-free guidance against the
-    empty prompt. ``x_T`` overrides the noise of ``seeds`` (pass one that requires grad to
-    get dL/dx_T); ``grad`` and ``params`` are handed to ``sample``.
-    """
+    """Generate images (B, 3, 16, 16), roughly in [-1, 1], from prompts and seeds
+    (:meth:`TaskModel.generate`: DPM-Solver of ``order`` on a log-SNR grid of ``steps`` steps,
+    guidance against the empty prompt). ``x_T`` overrides the noise of ``seeds`` (pass one that
+    requires grad to get dL/dx_T); ``grad`` and ``params`` are handed to ``sample``."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    _prompt_words_ok(model, prompts)
-    ctx = torch.enable_grad() if grad is not None else torch.no_grad()
-    with ctx:
-        cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
-        uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])
-    noise = initial_noise(seeds) if x_T is None else x_T
-    return sample(eps_fn(model, guidance_scale), noise, (cond, uncond), schedule=model.schedule,
-                  steps=steps, order=order, grad=grad, params=params)
+    tm = task_model(model, device=model.unet.device)
+    with torch.enable_grad() if grad is not None else torch.no_grad():
+        cond = tm.encode(prompts)
+    return tm.generate(tm.noise(seeds) if x_T is None else x_T, cond, steps=steps, order=order, grad=grad,
+                       params=params, guidance_scale=guidance_scale, decode=False)

@@ -127,3 +127,18 @@ def test_a_few_training_steps_lower_the_loss(tmp_path: Path) -> None:
     frozen = dataclasses.replace(cfg, steps=2, train_text_encoder=False)
     text_encoder = train.train(frozen, None, progress=False)[0]
     assert all(torch.equal(p, q) for p, q in zip(text_encoder.parameters(), init.parameters()))
+
+
+def test_targets_live_in_the_models_targets_file():
+    """MiniSD's acceptance bounds are data (data/mini/targets.json), not code; the shipped
+    evaluation meets them and a metric past a bound fails them."""
+    import json
+
+    from adjoint_lib.models.mini.evaluate import targets_met
+    from adjoint_lib.paths import data_dir
+
+    targets = json.loads(data_dir("mini", "targets.json").read_text())
+    shipped = json.loads(data_dir("mini", "eval_metrics.json").read_text())
+    assert targets_met(shipped, targets)
+    assert not targets_met({**shipped, "digit_judge_acc": 0.5}, targets)
+    assert not targets_met({**shipped, "load_seconds": 99.0}, targets)

@@ -11,25 +11,10 @@ by the empty prompt, for classifier-free guidance) and Min-SNR-5 weights
 ``w(t) = min(SNR(t), 5) / SNR(t)`` (Hang et al., 2023), which speed up convergence. AdamW
 with warmup + cosine decay; the exponential moving average of the weights is what is saved.
 
-**The text encoder is trained jointly, at a tenth of the UNet's learning rate**
-(``text_encoder_lr_scale=0.1``; ``--text-encoder-lr-scale 0`` freezes it). Measured reason:
-at the UNet's full rate the encoder quickly amplified the color, background and style words,
-which lower the loss first, and its final LayerNorm then squeezed the digit word out (after
-1200 steps swapping the digit word changed the prompt embedding by 8%, swapping the color by
-90%; 21% vs 33% at initialization) and the UNet ignored digits (12% recognized after 3000
-steps). At a tenth of the rate the encoder adapts without collapsing: the shipped model's
-digit judge accuracy is 99.6% of 240 samples (95% of 120 already at the halfway checkpoint),
-against 89.6% for the same run with the encoder frozen.
-
-**The UNet outputs v, not eps** (``prediction_type="v_prediction"``, as Stable Diffusion
-2.x; ``eps = alpha_t v + sigma_t x_t``, which :class:`adjoint_lib.models.UNetEps` applies).
-The loss above is the same function of eps_theta either way, but the parameterization
-decides what the network must get exactly right: with the DDPM linear schedule
-(``alpha_T = 0.0064``, chosen so the noise at ``t = T`` leaks almost nothing of the mean
-color - black and white backgrounds need that) an eps-predicting UNet must reproduce
-``x_t`` to about 1e-3 at large ``t``, or ``x0_hat = (x_t - sigma eps_hat) / alpha`` is off
-by ``156 x`` its error. A trial with eps-prediction (1500 steps) reached a similar loss but
-sampled pure noise; v-prediction samples the prompted colors and styles after 1200 steps.
+The text encoder is trained jointly at a tenth of the UNet's learning rate
+(``text_encoder_lr_scale=0.1``; ``--text-encoder-lr-scale 0`` freezes it), and the UNet outputs
+v (``prediction_type="v_prediction"``, ``eps = alpha_t v + sigma_t x_t``, applied by
+:class:`adjoint_lib.models.UNetEps`); why, with measurements: ``data/mini/MODEL_CARD.md``.
 
 Writes ``<out>/{tokenizer,text_encoder,unet,scheduler}`` (``save_pretrained``),
 ``<out>/samples.png`` (a labelled sample grid) and ``<out>/train_metrics.json``; ``--out``

@@ -49,6 +49,7 @@ class SampleStats:
 
     @property
     def nfe(self) -> int:
+        """Eps evaluations in all, forward and backward."""
         return self.nfe_forward + self.nfe_backward
 
 

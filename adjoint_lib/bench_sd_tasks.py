@@ -189,6 +189,7 @@ def run(size: str = "full", device: str | None = None, dtype: str = "auto", iter
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line: run the three tasks on SD 1.5's architecture and write the results JSON."""
     p = argparse.ArgumentParser(description="The three paper tasks on Stable Diffusion 1.5's architecture with "
                                             "random weights: peak memory, time per iteration, gradient finiteness.")
     p.add_argument("--size", type=one_of("full", "tiny"), default="full",

@@ -94,6 +94,7 @@ def training_log(kind: str = "ring", folder: str | Path | None = None) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train the 2-D flow toy and save it (``outputs/flow2d`` unless ``--out``)."""
     parser = argparse.ArgumentParser(description="Train the 2-D flow-matching toy (velocity MLP on the ring).")
     parser.add_argument("--kind", default="ring", choices=sorted(KINDS))
     parser.add_argument("--steps", type=int, default=8000)

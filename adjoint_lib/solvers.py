@@ -112,6 +112,7 @@ class Grid:
 
     @property
     def steps(self) -> int:
+        """Number of steps ``N`` (``N + 1`` grid points)."""
         return len(self.rho) - 1
 
     def alpha(self, i: int) -> float:
@@ -119,6 +120,7 @@ class Grid:
         return self.alphas[i]
 
     def node_t(self, i: int) -> float:
+        """Model timestep of node ``i`` (``t_end`` for the last point)."""
         return float(self.t[i]) if i < self.steps else self.t_end
 
     def forward_order(self, i: int, order: int) -> int:

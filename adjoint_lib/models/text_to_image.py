@@ -62,6 +62,7 @@ class Profile:
 
     @property
     def is_mini(self) -> bool:
+        """Whether this is the ``mini`` profile (MiniSD)."""
         return self.name == "mini"
 
 
@@ -79,9 +80,11 @@ class ScaledHalfGrad:
         self.scale: Tensor | None = None
 
     def exit(self, y: Tensor) -> Tensor:
+        """``y`` in float32; backward: the incoming gradient scaled to unit max-norm."""
         return _Exit.apply(y, self)
 
     def enter(self, v: Tensor, dtype: torch.dtype) -> Tensor:
+        """``v`` cast to ``dtype``; backward: the gradient scaled back in float32."""
         return _Enter.apply(v, dtype, self)
 
 
@@ -207,6 +210,7 @@ class TaskModel:
         return self.vae.decode((latents / scale).to(dtype)).sample.float()
 
     def eps_fn(self, guidance_scale: float | None = None) -> UNetEps:
+        """The guided ``eps_fn(x, t, cond)`` of this model for :func:`adjoint_lib.sample` (v-prediction turned into eps)."""
         return UNetEps(self.unet, schedule=self.schedule,
                        guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                        prediction_type=self.scheduler.config.get("prediction_type", "epsilon"))

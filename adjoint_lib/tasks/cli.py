@@ -65,6 +65,7 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def field_check(f: dataclasses.Field) -> Callable[[Any], Any]:
+    """The check (argparse type) stored in a config field's metadata, or ``None``."""
     check = f.metadata.get("check")
     if check is not None:
         return check

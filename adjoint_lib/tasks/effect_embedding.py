@@ -99,6 +99,7 @@ class EffectPairs:
     labels: object | None = None
 
     def with_token(self, token: str) -> list[str]:
+        """The base prompts with ``token`` appended."""
         return [f"{p} {token}" for p in self.base_prompts]
 
 
@@ -199,6 +200,7 @@ class EffectResult:
 
     @property
     def token_vectors(self) -> dict[int, Tensor]:
+        """``{token id: learned vector}`` for :meth:`TaskModel.encode`."""
         return {self.token_id: self.vector}
 
 
@@ -284,6 +286,7 @@ def nearest_words(model: TaskModel, vector: Tensor, k: int = 5,
 
 
 def mse_per_image(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per image, ``mean_{c,h,w} (a - b)^2``, shape (B,)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 

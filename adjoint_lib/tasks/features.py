@@ -31,6 +31,7 @@ class FeatureNet(nn.Module):
     content_layers: tuple[int, ...]
 
     def freeze(self) -> "FeatureNet":
+        """The module in eval mode with every parameter frozen."""
         return self.eval().requires_grad_(False)
 
 

@@ -115,6 +115,7 @@ def hub_source(model_id: str, what: str, folders: tuple[str, ...] = ()) -> tuple
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:
+    """The module in eval mode with every parameter frozen."""
     for m in modules:
         if m is not None:
             m.eval().requires_grad_(False)

@@ -19,7 +19,7 @@ _STYLES = {
     "adjoint-cache": dict(color="C1", marker="s", ls="--", ms=5),
     "adjoint-cont": dict(color="C5", marker="^", ls="-.", ms=9, mfc="none", mew=1.5),
     "checkpoint": dict(color="C2", marker="D", ls="-", ms=5),
-    "backprop": dict(color="C3", marker="v", ls=":", ms=7),
+    "backprop": dict(color="C3", marker="v", ls=(0, (5, 1.5, 1, 1.5, 1, 1.5)), ms=7),  # dotted: CPU time
     "dopri5": dict(color="C4", marker="P", ls="-", ms=7),
 }
 _EXTRA_STYLES = (dict(color="C6", marker="x", ls="--", ms=7, mew=1.5),

@@ -449,7 +449,7 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, auditors: Auditors
     ``metrics`` JSON-ready (rounded; ``None`` where undefined, e.g. no pair fooled),
     ``artifacts`` images and results. ``out_dir``: where ``metrics.json`` is written (none by default).
     Under a launcher the main process selects the pairs and each process attacks its share
-    (:func:`attack_shared`); the metrics are those of one process."""
+    (:func:`attack_shared`); the metrics equal a single process's."""
     cfg = validate(cfg or default_config(model.profile))
     grad = cfg.grad
     auditors = auditors or auditors_for(model, cfg.auditee, cfg.judge)

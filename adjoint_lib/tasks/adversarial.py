@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adjoint import SampleStats
+from . import distributed
 from .cli import GRAD_MODES, nonnegative_int, one_of, order_int, positive_float, positive_int, run_cli, setting, validate
 from .common import TaskModel, TaskResult, tiny_resnet_config
 from .loading import load_hf, metric_model_id
@@ -352,6 +353,34 @@ def attack(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor
     return AttackResult(z, x, done.cpu(), at, losses, grad0, time.perf_counter() - t0, nfe, grad)
 
 
+def attack_shared(model: TaskModel, prompts: Sequence[str], x_T: Tensor, labels: Tensor, auditee: Classifier,
+                  cfg: AttackConfig, *, grad: str | None = None, progress: bool = True) -> AttackResult:
+    """:func:`attack` with the pairs split across processes (:mod:`.distributed`): each attacks
+    its share, and the per-pair results come back in order on every process. Pairs never
+    interact (each has its own step and stops on its own), so this is :func:`attack` on all
+    pairs; ``losses`` are recombined from the shares' means weighted by their active pairs,
+    ``nfe`` and ``seconds`` are the slowest process's. One process: :func:`attack` itself."""
+    if distributed.world_size() == 1:
+        return attack(model, prompts, x_T, labels, auditee, cfg, grad=grad, progress=progress)
+    n, mine = len(prompts), distributed.shard(len(prompts))
+    local = None
+    if mine:
+        local = attack(model, [prompts[i] for i in mine], x_T[mine], labels[mine], auditee, cfg, grad=grad,
+                       progress=progress and distributed.is_main_process())
+    rows = {k: distributed.gather_rows(None if local is None else getattr(local, k), n, device)
+            for k, device in (("x_adv", x_T.device), ("success", "cpu"), ("iterations", "cpu"), ("grad0", x_T.device))}
+    parts = distributed.gather_objects(None if local is None else (local.losses, local.iterations, local.seconds,
+                                                                   local.nfe, local.grad))
+    parts = [q for q in parts if q is not None]
+    losses = []
+    for it in range(max(len(q[0]) for q in parts)):
+        # a pair is active at iteration ``it`` until the iteration that fooled it
+        terms = [(q[0][it], int(((q[1] < 0) | (q[1] >= it)).sum())) for q in parts if it < len(q[0])]
+        losses.append(sum(v * k for v, k in terms) / sum(k for _, k in terms))
+    return AttackResult(x_T.detach(), rows["x_adv"], rows["success"], rows["iterations"], losses, rows["grad0"],
+                        max(q[2] for q in parts), max(q[3] for q in parts), parts[0][4])
+
+
 def random_perturbation(x_T: Tensor, delta: float, seed: int = 0) -> Tensor:
     """``x_T + delta * sign(n)``, ``n`` standard normal: a corner of the same L-inf ball."""
     n = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(seed))
@@ -382,10 +411,16 @@ def auditors_for(model: TaskModel, auditee_id: str | None = None, judge_id: str 
 def evaluate(model: TaskModel, pairs: AuditPairs, result: AttackResult, auditors: Auditors,
              cfg: AttackConfig) -> dict:
     """Images and predictions of the adversarial and the random-baseline noises, and the
-    audit's numbers: success rate, judge agreement among successes, random baseline."""
-    adv = generate_images(model, pairs.prompts, result.x_adv, cfg)
+    audit's numbers: success rate, judge agreement among successes, random baseline. Under a
+    launcher each process generates its share of the images (:mod:`.distributed`) and every
+    process computes the numbers from all of them."""
+    def images(x: Tensor) -> Tensor:
+        return distributed.map_rows(lambda i: generate_images(model, [pairs.prompts[j] for j in i], x[i], cfg),
+                                    len(pairs.prompts), x.device)
+
+    adv = images(result.x_adv)
     rand_x = random_perturbation(result.x_T, cfg.delta, cfg.seed + 1)
-    rand = generate_images(model, pairs.prompts, rand_x, cfg)
+    rand = images(rand_x)
     lab = pairs.labels.to(adv.device)
     pred = {k: auditors.auditee(im).argmax(1) for k, im in (("clean", pairs.images), ("adv", adv), ("rand", rand))}
     judge = {k: auditors.judge(im).argmax(1) for k, im in (("clean", pairs.images), ("adv", adv), ("rand", rand))}
@@ -412,16 +447,24 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, auditors: Auditors
         pairs: AuditPairs | None = None, out_dir: str | None = None, progress: bool = True) -> TaskResult:
     """Select correctly classified pairs, attack them, evaluate. Returns a :class:`TaskResult`:
     ``metrics`` JSON-ready (rounded; ``None`` where undefined, e.g. no pair fooled),
-    ``artifacts`` images and results. ``out_dir``: where ``metrics.json`` is written (none by default)."""
+    ``artifacts`` images and results. ``out_dir``: where ``metrics.json`` is written (none by default).
+    Under a launcher the main process selects the pairs and each process attacks its share
+    (:func:`attack_shared`); the metrics equal a single process's."""
     cfg = validate(cfg or default_config(model.profile))
     grad = cfg.grad
     auditors = auditors or auditors_for(model, cfg.auditee, cfg.judge)
     if pairs is None:
         own = cfg.labels_from == "auditee" or (model.spec.tiny and cfg.auditee is None)
-        pairs = select_pairs(model, auditors, cfg, require_judge=not own, labels_from_auditee=own,
-                             progress=progress)
+        if distributed.is_main_process():
+            pairs = select_pairs(model, auditors, cfg, require_judge=not own, labels_from_auditee=own,
+                                 progress=progress)
+        if distributed.world_size() > 1:  # the same pairs everywhere, whatever each GPU's rounding
+            pairs = distributed.broadcast_object(None if pairs is None else dataclasses.replace(
+                pairs, labels=pairs.labels.cpu(), images=pairs.images.cpu()))
+            pairs = dataclasses.replace(pairs, images=pairs.images.to(model.device))
     x_T = model.noise(pairs.seeds)
-    result = attack(model, pairs.prompts, x_T, pairs.labels, auditors.auditee, cfg, grad=grad, progress=progress)
+    result = attack_shared(model, pairs.prompts, x_T, pairs.labels, auditors.auditee, cfg, grad=grad,
+                           progress=progress)
     ev = evaluate(model, pairs, result, auditors, cfg)
     metrics = {
         "profile": model.profile, "grad": grad, "auditee": auditors.names[0], "judge": auditors.names[1],
@@ -438,7 +481,7 @@ def run(model: TaskModel, cfg: AttackConfig | None = None, *, auditors: Auditors
         "image_rms_change_random": round(ev["image_rms_change_random"], 4),
         "attack_seconds": round(result.seconds, 1), "nfe": result.nfe,
     }
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main_process():
         from ..io import write_json
         write_json(Path(out_dir) / "metrics.json", metrics)
     return TaskResult(metrics, {"pairs": pairs, "result": result, "eval": ev, "auditors": auditors})

@@ -137,7 +137,9 @@ def out_folder(out: str | None, force: bool) -> Path | None:
 def run_cli(module: types.ModuleType, description: str, argv: Sequence[str] | None = None) -> dict:
     """Parse flags, load the model, run ``module.run(model, cfg, out_dir=...)`` and print its
     metrics as one JSON line. ``module`` has ``CONFIG`` (the dataclass), ``default_config``
-    and ``run``."""
+    and ``run``. Under ``accelerate launch`` every process runs it (:mod:`.distributed`; the
+    main process prints)."""
+    from . import distributed
     from .common import load_task_model
 
     config_cls = module.CONFIG
@@ -146,17 +148,19 @@ def run_cli(module: types.ModuleType, description: str, argv: Sequence[str] | No
     a = task_parser(description, config_cls, prog).parse_args(argv)
     out = out_folder(a.out, a.force)
     name = resolve_profile(a.profile)
-    if a.threads or name == "mini":
-        torch.set_num_threads(a.threads or 1)
     overrides = {f.name: (tuple(v) if isinstance(v, list) else v) for f in dataclasses.fields(config_cls)
                  if (v := getattr(a, f.name, None)) is not None}
     cfg = validate(module.default_config(name, **overrides))
+    distributed.setup()  # before the model loads (each process on its own GPU) and the thread count
+    if a.threads or name == "mini":
+        torch.set_num_threads(a.threads or 1)
     try:
         model = load_task_model(name, a.model_id, device=a.device, dtype=a.dtype, mini_path=a.mini_path)
         metrics = module.run(model, cfg, out_dir=out, progress=False).metrics
     except LoadError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(dumps(metrics))
+    if distributed.is_main_process():
+        print(dumps(metrics))
     return metrics
 
 

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..paths import data_dir
 from .cli import (GRAD_MODES, nonnegative_float, nonnegative_int, one_of, order_int, positive_float, positive_int,
                   run_cli, setting, validate)
+from . import distributed
 from .common import TaskModel, TaskResult
 from .features import (FEATURE_ENV, HF_FEATURE_MODEL, FeatureNet, HFFeatures, SequentialTaps,  # noqa: F401
                        default_features, hf_features, mini_features, tiny_hf_features)
@@ -302,37 +303,50 @@ def stylize(model: TaskModel, loss_fn: StyleLoss, config: StylizeConfig | None =
     ``params=`` the LoRA tensors, and takes one Adam step on the mean loss. ``base_images``
     (the pre-fine-tuning images of ``train``, for the content term) are generated when not
     given; pass them to share them between runs.
+
+    Under a launcher (:mod:`.distributed`) every process draws the same batch, generates and
+    backpropagates its share of it, and the gradients of the global mean loss are summed
+    across processes before the (identical) Adam step; ``history`` and ``first_grad`` are the
+    global batch's on every process.
     """
     cfg = config or StylizeConfig()
     if cfg.iterations < 1 or cfg.batch_size < 1:
         raise ValueError(f"iterations and batch_size must be >= 1, got {cfg.iterations} and {cfg.batch_size}")
+    if cfg.batch_size < distributed.world_size():
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be at least the number of processes "
+                         f"({distributed.world_size()}): each process takes a share of every batch")
     train = train if train is not None else prompt_set(model, cfg.train_pairs, cfg.seed, "train")
     if base_images is None:
         with base_model(model.unet):
-            base_images = generate_images(model, train, steps=cfg.steps, order=cfg.order,
-                                          guidance_scale=cfg.guidance_scale)
+            base_images = distributed.map_rows(
+                lambda i: generate_images(model, train.take(i), steps=cfg.steps, order=cfg.order,
+                                          guidance_scale=cfg.guidance_scale), len(train), model.device)
     name = adapter_name or f"style_{cfg.grad}"
     params = add_lora(model.unet, name, rank=cfg.rank, target_modules=cfg.target_modules, seed=cfg.seed)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     history, first_grad = [], None
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.iterations), desc=f"LoRA ({cfg.grad})", disable=not progress)
+    bar = tqdm(range(cfg.iterations), desc=f"LoRA ({cfg.grad})",
+               disable=not progress or not distributed.is_main_process())
     for it in bar:
         idx = torch.randperm(len(train), generator=g)[:cfg.batch_size].tolist()
-        batch = train.take(idx)
+        mine = [idx[i] for i in distributed.shard(len(idx))]  # this process's share of the batch
+        batch = train.take(mine)
         with torch.no_grad():
             cond = model.encode(batch.prompts)
         images = model.generate(model.noise(batch.seeds), cond, steps=cfg.steps, order=cfg.order,
                                 grad=cfg.grad, params=params, guidance_scale=cfg.guidance_scale)
-        total, style, content = loss_fn(images.float(), base_images[idx].to(images.device))
+        total, style, content = loss_fn(images.float(), base_images[mine].to(images.device))
         opt.zero_grad(set_to_none=True)
-        total.mean().backward()
+        (total.sum() / len(idx)).backward()  # the global batch's mean loss, this process's terms
+        distributed.all_reduce_grads(params)
         if first_grad is None:
             first_grad = torch.cat([p.grad.detach().flatten().float().cpu() for p in params])
         opt.step()
-        history.append({"iteration": it, "loss": float(total.detach().mean()),
-                        "style": float(style.detach().mean()), "content": float(content.detach().mean()),
+        total, style, content = (distributed.gather_rows(v.detach(), len(idx)) for v in (total, style, content))
+        history.append({"iteration": it, "loss": float(total.mean()),
+                        "style": float(style.mean()), "content": float(content.mean()),
                         "seconds": time.perf_counter() - t0})
         bar.set_postfix(style=f"{history[-1]['style']:.3f}", content=f"{history[-1]['content']:.3f}")
     for p in params:
@@ -382,15 +396,23 @@ def run(model: TaskModel, cfg: StylizeConfig | None = None, *, out_dir: str | Pa
     features = features if features is not None else default_features(model, cfg.feature_model)
     loss_fn = StyleLoss(features, ref.to(model.device), cfg.content_weight)
     held = prompt_set(model, cfg.held_out, cfg.seed, "held_out")
+
+    def held_images() -> Tensor:  # each process generates its share (one process: all of them)
+        return distributed.map_rows(lambda i: generate_images(model, held.take(i), steps=cfg.steps, order=cfg.order,
+                                                              guidance_scale=cfg.guidance_scale),
+                                    len(held), model.device)
+
     with base_model(model.unet):
-        before = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+        before = held_images()
     result = stylize(model, loss_fn, cfg, progress=progress)
-    after = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+    after = held_images()
     m_before, m_after = evaluate(model, loss_fn, before, None, held), evaluate(model, loss_fn, after, before, held)
     out = Path(out_dir) if out_dir is not None else outputs_dir("stylize", prof)
-    save_lora(model.unet, out, result.adapter_name)
+    if distributed.is_main_process():
+        save_lora(model.unet, out, result.adapter_name)
+    distributed.barrier()  # the file is in place before any process reads it
     load_lora(model.unet, out, "style_loaded")  # a second copy, read back from the file
-    reloaded = generate_images(model, held, steps=cfg.steps, order=cfg.order, guidance_scale=cfg.guidance_scale)
+    reloaded = held_images()
     metrics = {
         "profile": prof, "grad": cfg.grad, "n_held_out": len(held),
         "style_loss_before": round(m_before["style_loss"], 4), "style_loss_after": round(m_after["style_loss"], 4),

@@ -48,3 +48,12 @@ def image_grid(rows: Sequence[Tensor], row_labels: Sequence[str] = (), col_label
         fig.suptitle(title, fontsize=fontsize + 2)
     fig.tight_layout(pad=0.3)
     return fig
+
+
+def make_room_for_title(fig, inches: float = 0.35):
+    """Lay ``fig`` out again with ``inches`` free at the top for its suptitle, which ``tight_layout``
+    does not account for (so it would overlap the first row's titles); returns ``fig``."""
+    if inches < 0:
+        raise ValueError(f"inches must be >= 0, got {inches}")
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, max(0.5, 1 - inches / fig.get_figheight())))
+    return fig

@@ -93,7 +93,9 @@ def test_make_room_for_title_moves_the_axes_below_the_suptitle():
     fig = image_grid([images, images], cell_titles=[["a"] * 3, ["b"] * 3], title="a title", cell=1.0)
     fig.canvas.draw()
     top = max(ax.get_position().y1 for ax in fig.axes)
-    make_room_for_title(fig, inches=0.5)
+    height = fig.get_figheight()
+    make_room_for_title(fig, inches=0.5, per_row=0.25)
     fig.canvas.draw()
+    assert abs(fig.get_figheight() - (height + 2 * 0.25)) < 1e-9          # two rows of axes
     assert max(ax.get_position().y1 for ax in fig.axes) <= 1 - 0.5 / fig.get_figheight() + 1e-6 < top
     plt.close(fig)

@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 # ---------------------------------------------------------------------- a stricter reading of "same content"
 #: default largest RMS pixel change (images in [-1, 1]) for a pair to count as visibly the same image
-SAME_MAX_RMS = 0.25
+SAME_MAX_RMS = 0.2
 
 
 def image_rms_change(original: Tensor, candidate: Tensor) -> Tensor:

@@ -494,5 +494,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(sys.modules[__name__], "Paper task 3: adversarial initial noise against an auditee classifier.", argv)
 
 
+# ---------------------------------------------------------------------- a stricter reading of "same content"
+#: default largest RMS pixel change (images in [-1, 1]) for a pair to count as visibly the same image
+SAME_MAX_RMS = 0.2
+
+
+def image_rms_change(original: Tensor, candidate: Tensor) -> Tensor:
+    """Per pair (B,): ``sqrt(mean((candidate - original)^2))`` over pixels and channels (images in [-1, 1])."""
+    if original.shape != candidate.shape:
+        raise ValueError(f"original {tuple(original.shape)} and candidate {tuple(candidate.shape)} must have one shape")
+    return (candidate.float() - original.float()).flatten(1).pow(2).mean(1).sqrt()
+
+
+def same_content(original: Tensor, candidate: Tensor, judge_logits: Tensor, labels: Tensor, *,
+                 max_rms: float = SAME_MAX_RMS, min_confidence: float = 0.5) -> Tensor:
+    """Per pair (B,) bool: the candidate still shows the original's content by two independent criteria,
+    the judge gives the label probability ``>= min_confidence`` AND the image moved by at most ``max_rms``
+    (:func:`image_rms_change`), so a pair the judge still names but that was redrawn (another shape, a blob)
+    does not count."""
+    if not (max_rms > 0 and 0 <= min_confidence <= 1):
+        raise ValueError(f"need max_rms > 0 and min_confidence in [0, 1], got {max_rms}, {min_confidence}")
+    labels = labels.to(judge_logits.device)
+    p = judge_logits.float().softmax(1).gather(1, labels[:, None])[:, 0]
+    return ((p >= min_confidence) & (image_rms_change(original, candidate).to(p.device) <= max_rms)).cpu()
+
+
 if __name__ == "__main__":
     main()

@@ -48,3 +48,17 @@ def image_grid(rows: Sequence[Tensor], row_labels: Sequence[str] = (), col_label
         fig.suptitle(title, fontsize=fontsize + 2)
     fig.tight_layout(pad=0.3)
     return fig
+
+
+def make_room_for_title(fig, inches: float = 0.35, per_row: float = 0.2):
+    """Lay ``fig`` out again with ``inches`` free at the top for its suptitle (``tight_layout`` does
+    not account for it) and ``per_row`` inches more height per row of axes, so that per-image titles
+    clear the row above; returns ``fig``."""
+    if inches < 0 or per_row < 0:
+        raise ValueError(f"inches and per_row must be >= 0, got {inches}, {per_row}")
+    rows = len({round(ax.get_position().y0, 3) for ax in fig.axes}) if fig.axes else 0
+    fig.set_figheight(fig.get_figheight() + per_row * rows)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, max(0.5, 1 - inches / fig.get_figheight())))
+    if rows > 1:  # tight_layout leaves no gap for titles above square image axes
+        fig.subplots_adjust(hspace=max(fig.subplotpars.hspace, 0.3))
+    return fig

@@ -438,5 +438,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(sys.modules[__name__], "Paper task 2: stylization by LoRA fine-tuning through the adjoint.", argv)
 
 
+# ============================================================== what the images show of the reference
+def luminance(images: Tensor) -> Tensor:
+    """Rec. 601 luminance ``0.299 R + 0.587 G + 0.114 B`` in [0, 1] of images (B, 3, H, W) in [-1, 1] -> (B, H, W)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    w = torch.tensor((0.299, 0.587, 0.114), dtype=torch.float32, device=images.device)
+    return torch.einsum("bchw,c->bhw", (images.float().clamp(-1, 1) + 1) / 2, w)
+
+
+def _power(images: Tensor) -> Tensor:
+    lum = luminance(images)
+    return torch.fft.fft2(lum - lum.mean(dim=(1, 2), keepdim=True)).abs().pow(2)
+
+
+def dominant_frequency(reference: Tensor) -> tuple[int, int]:
+    """``(ky, kx)``, in cycles per image (signed, ``fftfreq`` order), of the largest peak of the
+    DC-removed 2-D DFT power of a reference's luminance (1, 3, H, W): its stripes' frequency and
+    orientation (``(4, 4)``: period 4 along the diagonal ``i + j``; ``(4, -4)`` along ``i - j``)."""
+    p = _power(reference[:1] if reference.ndim == 4 else reference[None])[0]
+    h, w = p.shape
+    i = int(p.flatten().argmax())
+    ky, kx = i // w, i % w
+    return (ky - h if ky > h // 2 else ky, kx - w if kx > w // 2 else kx)
+
+
+def spectral_share(images: Tensor, freq: tuple[int, int]) -> Tensor:
+    """Per image (B,): the share of its DC-removed luminance DFT power at ``freq`` and ``-freq``
+    (1 for pure stripes of that frequency and orientation, about ``2 / (H W)`` for white noise)."""
+    p = _power(images)
+    total = p.flatten(1).sum(1).clamp_min(1e-12)
+    ky, kx = freq
+    at = p[:, ky % p.shape[1], kx % p.shape[2]] + p[:, -ky % p.shape[1], -kx % p.shape[2]]
+    if (ky % p.shape[1], kx % p.shape[2]) == (-ky % p.shape[1], -kx % p.shape[2]):
+        at = at / 2  # a self-conjugate (Nyquist) frequency counted once
+    return at / total
+
+
+def reference_colors(reference: Tensor, k: int = 2) -> Tensor:
+    """The ``k`` most frequent pixel colors (k, 3), RGB in [0, 1] rounded to 8 bits, of a reference (1, 3, H, W)."""
+    px = ((reference[0].float().clamp(-1, 1) + 1) / 2 * 255).round().flatten(1).T
+    colors, counts = px.unique(dim=0, return_counts=True)
+    return colors[counts.argsort(descending=True)[:k]] / 255
+
+
+def palette_distance(images: Tensor, colors: Tensor) -> Tensor:
+    """Per image (B,): the mean over pixels of the RGB distance (in [0, 1] units) to the nearest of ``colors`` (k, 3)."""
+    px = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)[..., None, :]   # (B, H, W, 1, 3)
+    return (px - colors.to(px)).norm(dim=-1).amin(-1).flatten(1).mean(1)
+
+
+def texture_measures(images: Tensor, reference: Tensor) -> dict[str, Tensor]:
+    """Per image: ``stripe_share`` (:func:`spectral_share` at the reference's
+    :func:`dominant_frequency`) and ``palette_distance`` to the reference's two colors."""
+    return {"stripe_share": spectral_share(images, dominant_frequency(reference)),
+            "palette_distance": palette_distance(images, reference_colors(reference))}
+
+
 if __name__ == "__main__":
     main()

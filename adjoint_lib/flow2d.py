@@ -18,19 +18,18 @@ Load the shipped ones::
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .io import check_out
+from .cli import output_path
 from .models.flow import FlowEps, sample_flow
 from .models.toy import ToyEps
 from .paths import data_dir, outputs_dir
 from .schedule import FlowSchedule
-from .toy2d import KINDS, fit, mode_fraction, read_net, save_toy
+from .toy2d import KINDS, fit, mode_fraction, read_net, save_toy, training_parser
 
 Tensor = torch.Tensor
 
@@ -95,19 +94,10 @@ def training_log(kind: str = "ring", folder: str | Path | None = None) -> dict:
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: train the 2-D flow toy and save it (``outputs/flow2d`` unless ``--out``)."""
-    parser = argparse.ArgumentParser(description="Train the 2-D flow-matching toy (velocity MLP on the ring).")
-    parser.add_argument("--kind", default="ring", choices=sorted(KINDS))
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--p-uncond", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output folder (default outputs/flow2d; data/flow2d needs --force)")
-    parser.add_argument("--force", action="store_true", help="allow writing into the shipped data/ folder")
+    parser = training_parser("Train the 2-D flow-matching toy (velocity MLP on the ring).", steps=8000,
+                             out_default="outputs/flow2d")
     args = parser.parse_args(argv)
-    out = check_out(args.out if args.out is not None else outputs_dir("flow2d"), force=args.force)
+    out = output_path(args, lambda: outputs_dir("flow2d"))
     torch.set_num_threads(1)  # a small MLP: one thread is fastest (and immune to busy cores)
     net, log = train_flow(args.kind, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden,
                           depth=args.depth, p_uncond=args.p_uncond, seed=args.seed)

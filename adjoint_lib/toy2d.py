@@ -315,19 +315,26 @@ def finetune(model: torch.nn.Module, schedule: VPSchedule, loss_fn: Callable[[Te
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: train the toy model, save it (``<out>.safetensors`` + ``<out>.json``)."""
-    parser = argparse.ArgumentParser(description="Train the 2-D toy diffusion model and save it "
-                                                 "(default outputs/toy2d/<kind>).")
+def training_parser(description: str, steps: int, out_default: str) -> argparse.ArgumentParser:
+    """The command line of a 2-D toy's training (shared by :mod:`adjoint_lib.flow2d`): every
+    size and rate validated, ``--out``/``--force`` as everywhere."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--kind", default="ring", choices=sorted(KINDS))
-    parser.add_argument("--steps", type=positive_int, default=12000)
+    parser.add_argument("--steps", type=positive_int, default=steps)
     parser.add_argument("--batch", type=positive_int, default=512)
     parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--hidden", type=positive_int, default=128)
     parser.add_argument("--depth", type=positive_int, default=3)
     parser.add_argument("--p-uncond", type=probability, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    add_output_arguments(parser, "outputs/toy2d/<kind>", "output path without suffix")
+    add_output_arguments(parser, out_default, "output location")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train the toy model, save it (``<out>.safetensors`` + ``<out>.json``)."""
+    parser = training_parser("Train the 2-D toy diffusion model and save it (default outputs/toy2d/<kind>).",
+                             steps=12000, out_default="outputs/toy2d/<kind>")
     args = parser.parse_args(argv)
     out = output_path(args, lambda: outputs_dir("toy2d") / args.kind, suffix=".safetensors")
     torch.set_num_threads(1)  # small MLP: one thread is fastest (and immune to busy cores)

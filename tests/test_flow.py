@@ -311,3 +311,13 @@ def test_checkpoint_equals_backprop_flux():
         out[mode] = [x.grad, ee.grad, pp.grad, torch.cat([q.grad.flatten() for q in params])]
     for a, b in zip(out["checkpoint"], out["backprop"]):
         assert b.norm() > 0 and rel(a, b) < 1e-6
+
+
+def test_flow2d_cli_validates_flags_and_protects_shipped_data(capsys):
+    from adjoint_lib import flow2d
+
+    with pytest.raises(SystemExit) as e:
+        flow2d.main(["--steps", "0"])
+    assert e.value.code == 2 and "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--force"):
+        flow2d.main(["--out", "data/flow2d", "--steps", "1"])

@@ -37,18 +37,14 @@ def _sched():
 
 
 @pytest.mark.parametrize("grad", ["adjoint", "checkpoint", "backprop"])
-def test_repeated_params_count_once(grad):
-    once = _grads(grad, lambda c, W: [W])
-    twice = _grads(grad, lambda c, W: [W, W])
-    for a, b in zip(once, twice):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("grad", ["adjoint", "checkpoint", "backprop"])
-def test_cond_also_in_params_gets_its_gradient_once(grad):
+@pytest.mark.parametrize("extra", [
+    pytest.param(lambda c, W: [W, W], id="repeated-param-counts-once"),
+    pytest.param(lambda c, W: [W, c], id="cond-also-in-params-gets-its-gradient-once"),
+])
+def test_params_are_merged_not_double_counted(grad, extra):
     plain = _grads(grad, lambda c, W: [W])
-    both = _grads(grad, lambda c, W: [W, c])
-    for a, b in zip(plain, both):
+    merged = _grads(grad, extra)
+    for a, b in zip(plain, merged):
         torch.testing.assert_close(a, b)
 
 
